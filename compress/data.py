@@ -1,0 +1,143 @@
+"""Calibration and evaluation text, and the token windows cut from it.
+
+The default text is the Wikipedia sample shipped in the ``gensim`` wheel (CC BY-SA 3.0), cleaned
+of markup with ``mwparserfromhell``. Its split is fixed: articles in dump order, every fifth
+article (index 0, 5, 10, ...) is evaluation text, the others calibration text. So the two parts
+are disjoint by article and both span the whole dump.
+
+Perplexity follows the SVD-LLM / Basis Sharing protocol: the evaluation text is tokenized as one
+stream and cut into non-overlapping windows of ``seq_len`` tokens. Calibration, as in those papers,
+takes random ``seq_len`` windows of the calibration stream (seeded).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import cache_dir
+
+WIKI_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+EVAL_EVERY = 5  # article i is evaluation text iff i % EVAL_EVERY == 0
+ARTICLE_SEPARATOR = "\n\n"
+SPLITS = ("calibration", "evaluation")
+
+
+class DataError(ValueError):
+    """Calibration or evaluation text is missing, unreadable or too short."""
+
+
+def _clean_wiki(markup: str) -> str:
+    import mwparserfromhell
+
+    text = mwparserfromhell.parse(markup).strip_code(normalize=True, collapse=True)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return re.sub(r"[ \t]+", " ", text).strip()
+
+
+def wiki_articles() -> list[str]:
+    """The cleaned articles of gensim's Wikipedia sample, cached as JSON after the first call."""
+    cached = cache_dir() / "wiki_sample_articles.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise DataError("the default text needs the 'gensim' package (pip install gensim==4.4.0)")
+    dump = Path(spec.origin).parent / WIKI_SAMPLE
+    if not dump.is_file():
+        raise DataError(f"{dump}: gensim's Wikipedia sample is missing from this gensim install")
+    from gensim.corpora.wikicorpus import extract_pages
+
+    articles = []
+    with bz2.open(dump, "rb") as f:
+        for title, markup, _pageid in extract_pages(f, filter_namespaces=("0",)):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wiki(markup)
+            if len(text) > 200:
+                articles.append(f"{title}\n\n{text}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(articles, f)
+    os.replace(tmp, cached)
+    return articles
+
+
+def default_text(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    arts = wiki_articles()
+    keep = [a for i, a in enumerate(arts) if (i % EVAL_EVERY == 0) == (split == "evaluation")]
+    return ARTICLE_SEPARATOR.join(keep)
+
+
+def load_text(source: str | None, split: str) -> str:
+    """Text for ``split`` from the default sample (None), a .txt / .jsonl file, or ``wikitext2``."""
+    if source is None:
+        return default_text(split)
+    if source == "wikitext2":
+        try:
+            from datasets import load_dataset
+        except ImportError as exc:
+            raise DataError("'wikitext2' needs the 'datasets' package and a reachable hub") from exc
+        hf_split = "test" if split == "evaluation" else "train"
+        ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+        return "\n\n".join(ds["text"])
+    p = Path(source)
+    if not p.is_file():
+        raise DataError(f"{p}: text file not found")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: unreadable text file ({exc})") from exc
+    if p.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{p}:{n}: expected a JSON object with a 'text' field ({exc})") from exc
+        raw = ARTICLE_SEPARATOR.join(texts)
+    if not raw.strip():
+        raise DataError(f"{p}: text file is empty")
+    return raw
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token stream (1-D int64), without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int = 0, what: str = "evaluation") -> torch.Tensor:
+    """Non-overlapping windows from the start of the stream, ``[n, seq_len]`` (0 = all windows)."""
+    n = tokens.numel() // seq_len
+    if n == 0:
+        raise DataError(f"{what} text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows:
+        n = min(n, max_windows)
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
+    """``n_windows`` random windows of ``seq_len`` tokens (seeded), ``[n, seq_len]``."""
+    if n_windows < 1:
+        raise DataError(f"calibration needs at least one window, got n_windows={n_windows}")
+    if tokens.numel() < seq_len + 1:
+        raise DataError(
+            f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n_windows,), generator=g)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,139 @@
+"""The math of low-rank factorization: small pure functions on tensors, float64 inside.
+
+Conventions (torch's): ``W`` is ``[out, in]``, ``y = W x``, a rank-``r`` factorization is
+``W ≈ U V`` with ``U [out, r]`` and ``V [r, in]``. ``G = Σ x xᵀ`` is the input Gram matrix
+``[in, in]``; the activation-weighted error of ``W'`` is ``‖(W − W') X‖²_F = tr((W−W') G (W−W')ᵀ)``.
+
+SVD-LLM: with ``G = S Sᵀ`` (Cholesky), ``‖(W − W')X‖_F = ‖(W − W') S‖_F``, so truncating the SVD
+of ``W S`` and multiplying back by ``S⁻¹`` gives the factors with the least activation-weighted
+error (Eckart–Young on ``W S``).
+
+Basis Sharing: the weights of a group of layers stacked along ``out`` share one input-side basis
+``V`` (their inputs differ, but their row spaces are alike); each layer keeps its own ``U``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+DAMPING_START = 1e-8  # relative to mean(diag(G)); grown ×10 until Cholesky succeeds
+DAMPING_MAX = 1e-1
+
+
+class DecompositionError(ValueError):
+    pass
+
+
+@dataclass
+class Whitening:
+    """``S`` lower-triangular with ``S Sᵀ = G + damping·mean(diag G)·I``."""
+
+    s: torch.Tensor
+    damping: float  # 0.0 when G itself was positive definite
+
+
+def whitening(gram: torch.Tensor, name: str = "Gram matrix") -> Whitening:
+    """Cholesky factor of the Gram matrix, with a documented fallback.
+
+    ``XᵀX`` is only positive semi-definite: dead input channels or fewer calibration tokens than
+    input features make it singular. Then a ridge ``λ·mean(diag G)·I`` is added, ``λ`` starting at
+    1e-8 and growing ×10 up to 1e-1, and the smallest ``λ`` that factors is used (and reported).
+    Any invertible ``S`` keeps full-rank reconstruction exact; the ridge only slightly reweights
+    what truncation keeps.
+    """
+    g = gram.to(F64)
+    if not torch.isfinite(g).all():
+        raise DecompositionError(f"{name} contains NaN or Inf")
+    s, info = torch.linalg.cholesky_ex(g)
+    if info == 0:
+        return Whitening(s, 0.0)
+    scale = g.diagonal().mean().clamp_min(torch.finfo(F64).tiny)
+    eye = torch.eye(g.shape[0], dtype=F64, device=g.device)
+    lam = DAMPING_START
+    while lam <= DAMPING_MAX:
+        s, info = torch.linalg.cholesky_ex(g + lam * scale * eye)
+        if info == 0:
+            return Whitening(s, lam)
+        lam *= 10
+    raise DecompositionError(f"{name} is not positive definite even with damping {DAMPING_MAX}")
+
+
+def _split_sigma(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    root = sigma[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def _check_rank(w: torch.Tensor, rank: int) -> None:
+    if not 1 <= rank <= min(w.shape):
+        raise DecompositionError(f"rank {rank} outside [1, {min(w.shape)}] for a {list(w.shape)} matrix")
+
+
+def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain SVD truncation: least ``‖W − UV‖_F``, blind to the inputs."""
+    _check_rank(w, rank)
+    u, sigma, vh = torch.linalg.svd(w.to(F64), full_matrices=False)
+    return _split_sigma(u, sigma, vh, rank)
+
+
+def unwhiten(vh_rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``vh_rows · S⁻¹`` by a triangular solve (never forming the inverse)."""
+    return torch.linalg.solve_triangular(s.T, vh_rows.T, upper=True).T
+
+
+def whitened_svd(w: torch.Tensor, wh: Whitening, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM: truncate ``SVD(W S)`` and fold ``S⁻¹`` into ``V``."""
+    _check_rank(w, rank)
+    u, sigma, vh = torch.linalg.svd(w.to(F64) @ wh.s, full_matrices=False)
+    uf, vf = _split_sigma(u, sigma, vh, rank)
+    return uf, unwhiten(vf, wh.s)
+
+
+def whitened_spectrum(w: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All components of ``W = Σ_i σ_i u_i (v_iᵀ S⁻¹)``: returns ``(U, σ, Vᵀ S⁻¹)``, for methods
+    that choose components themselves (SoCo) rather than by a fixed rank."""
+    u, sigma, vh = torch.linalg.svd(w.to(F64) @ wh.s, full_matrices=False)
+    return u, sigma, unwhiten(vh, wh.s)
+
+
+def shared_basis(ws: list[torch.Tensor], wh: Whitening, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Basis Sharing: one basis ``V [r, in]`` for a group, one coefficient matrix ``U_i`` per layer.
+
+    ``wh`` whitens with the sum of the group's Gram matrices. ``σ`` goes into the basis (as in the
+    paper), so the coefficients are blocks of an orthonormal ``U``.
+    """
+    stacked = torch.cat([w.to(F64) for w in ws], dim=0)
+    _check_rank(stacked, rank)
+    u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
+    basis = unwhiten(sigma[:rank, None] * vh[:rank], wh.s)
+    coeffs = list(torch.split(u[:, :rank], [w.shape[0] for w in ws], dim=0))
+    return basis, [c.contiguous() for c in coeffs]
+
+
+REFIT_RIDGE = 1e-6  # relative ridge on G for the coefficient update
+
+
+def refit_coefficients(w: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Best ``U`` for a fixed basis ``V`` under this layer's own input statistics.
+
+    Minimises ``tr((W − U V) G (W − U V)ᵀ)``: ``U = W G Vᵀ (V G Vᵀ)⁻¹`` (the Basis Sharing paper's
+    ``C = (BᵀGB)⁻¹BᵀGW`` in torch's orientation). ``G`` gets a small relative ridge first: input
+    directions the calibration never visited then fall back to plain least squares instead of
+    being dropped, and a full-rank basis still reproduces ``W`` exactly (``U = W V⁻¹`` for any
+    positive definite ``G``).
+    """
+    g = gram.to(F64)
+    g = g + REFIT_RIDGE * g.diagonal().mean().clamp_min(torch.finfo(F64).tiny) * torch.eye(
+        g.shape[0], dtype=F64, device=g.device)
+    v = basis.to(F64)
+    vg = v @ g  # [r, in]
+    chol = torch.linalg.cholesky(vg @ v.T)  # [r, r], positive definite for a full-row-rank basis
+    return torch.cholesky_solve((w.to(F64) @ vg.T).T, chol).T
+
+
+def weighted_error(w: torch.Tensor, w_approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """``‖(W − W') X‖²_F`` from the Gram matrix."""
+    d = (w.to(F64) - w_approx.to(F64))
+    return float(torch.einsum("oi,ij,oj->", d, gram.to(F64), d))

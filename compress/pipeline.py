@@ -1,0 +1,358 @@
+"""The compressor, stage by stage: load → calibrate → allocate → decompose → (refit) → write → evaluate.
+
+Each stage is a function of the previous stages' results; :func:`run` chains them and times each.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from soco_serve.layout import (
+    DEFAULT_MAX_SHARD_BYTES,
+    BasisEntry,
+    CheckpointWriter,
+    LinearEntry,
+    Manifest,
+    basis_name,
+    bias_name,
+    u_name,
+    v_name,
+    weight_name,
+)
+
+from . import allocate, calibrate, data, decompose, evaluate, models
+from .hf_loader import install_factors, load_soco_model
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_grams: bool
+    shares_bases: bool
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("svd", False, False, "plain truncated SVD of each weight (weakest baseline)"),
+        Method("svd-llm", True, False, "whitened SVD: truncation aware of the calibration activations"),
+        Method("basis-sharing", True, True, "whitened SVD with one basis shared by adjacent layers"),
+    )
+}
+
+DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
+COEFFICIENT_UPDATE_FROM = 0.4  # "auto" refits shared coefficients at ratios at least this high
+
+
+@dataclass
+class CompressConfig:
+    output: Path
+    model: str | None = None
+    method: str = "basis-sharing"
+    ratio: float = 0.3
+    group_size: int = 2
+    shared_types: tuple[str, ...] = DEFAULT_SHARED_KINDS
+    coefficient_update: str = "auto"  # auto | on | off
+    force_factorize: bool = False
+    full_rank: bool = False
+    dtype: str = "auto"
+    calib_text: str | None = None
+    calib_windows: int = 32
+    seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    evaluate: bool = True
+    eval_text: str | None = None
+    eval_windows: int = 32
+    force: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.coefficient_update not in ("auto", "on", "off"):
+            raise ValueError(f"--coefficient-update must be auto, on or off, got {self.coefficient_update!r}")
+        if not self.full_rank:
+            allocate.check_ratio(self.ratio)
+        if not METHODS[self.method].shares_bases:
+            self.group_size = 1
+
+    @property
+    def refit(self) -> bool:
+        if not METHODS[self.method].shares_bases or self.coefficient_update == "off":
+            return False
+        return self.coefficient_update == "on" or (not self.full_rank and self.ratio >= COEFFICIENT_UPDATE_FROM)
+
+
+@dataclass
+class Decomposition:
+    """What the decompose stage produces: the manifest's linear part and the tensors behind it."""
+
+    linears: dict[str, LinearEntry] = field(default_factory=dict)
+    bases: dict[str, BasisEntry] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    damping: dict[str, float] = field(default_factory=dict)  # site -> ridge used, where one was needed
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def out_dtype(cfg: CompressConfig, model: nn.Module) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return next(model.parameters()).dtype
+    return getattr(torch, cfg.dtype)
+
+
+def decompose_stage(refs: list[models.LinearRef], plan: allocate.Plan, grams: calibrate.GramSet | None,
+                    method: Method, dtype: torch.dtype, progress: bool = True) -> Decomposition:
+    """Factor every linear as the plan says (SVD, whitened SVD, or a shared basis per group)."""
+    out = Decomposition()
+    whitenings: dict[Any, decompose.Whitening] = {}
+
+    def whiten(key: Any, gram: torch.Tensor) -> decompose.Whitening:
+        if key not in whitenings:
+            wh = decompose.whitening(gram, name=f"Gram matrix of {key}")
+            whitenings[key] = wh
+            if wh.damping:
+                out.damping[str(key)] = wh.damping
+        return whitenings[key]
+
+    by_name = {r.name: r for r in refs}
+    for r in refs:
+        if r.module.bias is not None:
+            out.tensors[bias_name(r.name)] = r.module.bias.detach().to(dtype)
+    for g in tqdm(list(plan.groups.values()), desc="decompose shared", unit="group", disable=not progress):
+        assert grams is not None
+        site = (tuple(m.layer for m in g.members), g.members[0].spec.site)
+        gram = sum(grams[m.site_key] for m in g.members)
+        basis, coeffs = decompose.shared_basis([m.module.weight for m in g.members], whiten(site, gram), g.rank)
+        out.tensors[basis_name(g.basis_id)] = basis.to(dtype)
+        out.bases[g.basis_id] = BasisEntry(g.rank, basis.shape[1], [m.name for m in g.members])
+        for m, c in zip(g.members, coeffs):
+            out.tensors[u_name(m.name)] = c.to(dtype)
+    private = [(n, a) for n, a in plan.assignments.items() if a.kind != "shared"]
+    for name, a in tqdm(private, desc="decompose", unit="matrix", disable=not progress):
+        r = by_name[name]
+        w = r.module.weight.detach()
+        if a.kind == "dense":
+            out.tensors[weight_name(name)] = w.to(dtype)
+            continue
+        assert a.rank is not None
+        if method.needs_grams:
+            assert grams is not None
+            u, v = decompose.whitened_svd(w, whiten(r.site_key, grams[r.site_key]), a.rank)
+        else:
+            u, v = decompose.truncated_svd(w, a.rank)
+        out.tensors[u_name(name)], out.tensors[v_name(name)] = u.to(dtype), v.to(dtype)
+    for name, a in plan.assignments.items():
+        mod = by_name[name].module
+        out.linears[name] = LinearEntry(a.kind, mod.in_features, mod.out_features, a.rank, a.basis,
+                                        mod.bias is not None)
+    return out
+
+
+def refit_stage(model: nn.Module, spec: models.ArchSpec, refs: list[models.LinearRef], dec: Decomposition,
+                windows: torch.Tensor, batch_size: int, dtype: torch.dtype, progress: bool = True) -> None:
+    """Basis Sharing's coefficient update, layer by layer on the already-compressed model.
+
+    Each layer's shared coefficients are refit, basis fixed, to the Gram matrices of the inputs
+    that the compressed earlier layers actually produce: ``U = W G Vᵀ (V G Vᵀ)⁻¹``. The model is
+    left with the compressed layers installed.
+    """
+    manifest = Manifest(models.architecture_of(model), str(dtype).removeprefix("torch."), dec.linears, dec.bases)
+    compute_dtype = next(model.parameters()).dtype
+    inputs = calibrate.layer_inputs(model, spec, windows, batch_size)
+    install_factors(model, manifest, dec.tensors.__getitem__, compute_dtype)
+    layers = models.decoder_layers(model, spec)
+    for i, layer in enumerate(tqdm(layers, desc="coefficient update", unit="layer", disable=not progress)):
+        mine = [r for r in refs if r.layer == i]
+        live = [models.LinearRef(r.name, r.layer, r.spec, model.get_submodule(r.name)) for r in mine]  # type: ignore[arg-type]
+        grams = calibrate.GramSet()
+        handles = calibrate.attach_gram_hooks(live, grams)
+        try:
+            calibrate.run_layer(layer, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for r, lr in zip(mine, live):
+            e = dec.linears[r.name]
+            if e.kind != "shared":
+                continue
+            u = decompose.refit_coefficients(r.module.weight.detach(), dec.tensors[basis_name(e.basis)],
+                                             grams[r.site_key])
+            dec.tensors[u_name(r.name)] = u.to(dtype)
+            lr.module.u.data = u.to(compute_dtype)
+        inputs = calibrate.run_layer(layer, inputs)
+
+
+def non_linear_tensors(model: nn.Module, linear_names: set[str]) -> dict[str, torch.Tensor]:
+    """Every saved tensor that is not a decoder linear's weight or bias; tied copies skipped."""
+    unique = {n for n, _ in model.named_parameters()}
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in linear_names or (name in every and name not in unique):
+            continue
+        out[name] = t
+    return out
+
+
+def write_side_files(model: nn.Module, tokenizer: Any, dest: Path, dtype: torch.dtype) -> None:
+    """config.json (with the checkpoint's dtype, no quantization config), generation config, tokenizer."""
+    config = type(model.config).from_dict(model.config.to_dict())
+    config.dtype = dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: CompressConfig) -> dict[str, Any]:
+    """Compress, write ``cfg.output`` atomically, and return the report (also in report.json)."""
+    timer = Timer()
+    method = METHODS[cfg.method]
+    if cfg.output.exists() and not cfg.force:
+        raise FileExistsError(f"{cfg.output}: output folder exists; pass --force to replace it")
+    with timer.stage("load"):
+        model, tok, resolved = models.load_model(cfg.model, None, cfg.device)
+        models.check_finite(model)
+        spec = models.arch_spec(model)
+        refs = models.find_linears(model, spec)
+        dtype = out_dtype(cfg, model)
+        source_sha = models.weights_sha256(model)
+        dense_total = sum(p.numel() for p in model.parameters())  # tied weights once
+    report: dict[str, Any] = {}
+    eval_win = None
+    if cfg.evaluate:
+        with timer.stage("evaluate_dense"):
+            eval_tokens = data.tokenize_stream(tok, data.load_text(cfg.eval_text, "evaluation"))
+            eval_win = data.eval_windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+            dense = evaluate.perplexity(model, eval_win, progress=cfg.progress, desc="evaluate dense")
+    grams = None
+    calib = None
+    if method.needs_grams or cfg.refit:
+        with timer.stage("calibrate"):
+            calib_tokens = data.tokenize_stream(tok, data.load_text(cfg.calib_text, "calibration"))
+            calib = data.calibration_windows(calib_tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
+            grams = calibrate.collect_grams(model, refs, calib, cfg.batch_size, cfg.progress)
+    with timer.stage("allocate"):
+        plan = allocate.plan_ranks(
+            refs, cfg.ratio, group_size=cfg.group_size,
+            shared_kinds=cfg.shared_types if method.shares_bases else (),
+            force_factorize=cfg.force_factorize, full_rank=cfg.full_rank,
+        )
+    with timer.stage("decompose"):
+        dec = decompose_stage(refs, plan, grams, method, dtype, cfg.progress)
+    if cfg.refit:
+        with timer.stage("coefficient_update"):
+            assert calib is not None
+            refit_stage(model, spec, refs, dec, calib, cfg.batch_size, dtype, cfg.progress)
+
+    manifest = Manifest(
+        architecture=models.architecture_of(model),
+        dtype=str(dtype).removeprefix("torch."),
+        linears=dec.linears,
+        bases=dec.bases,
+        method=cfg.method,
+        settings=_settings(cfg),
+        source_model=str(resolved),
+        source_sha256=source_sha,
+        target_ratio=None if cfg.full_rank else cfg.ratio,
+    )
+    dense_linear, stored_linear = manifest.dense_linear_params(), manifest.stored_linear_params()
+    stored_total = dense_total - dense_linear + stored_linear
+    manifest.achieved_ratio = round(1 - stored_linear / dense_linear, 6)
+    manifest.model_ratio = round(1 - stored_total / dense_total, 6)
+
+    with CheckpointWriter(cfg.output, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer:
+        with timer.stage("write"):
+            for name, t in non_linear_tensors(model, set(dec.linears)).items():
+                writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+            for name, t in dec.tensors.items():
+                writer.add(name, t)
+            write_side_files(model, tok, writer.path, dtype)
+            writer.finish(manifest)
+        report = {
+            "method": cfg.method,
+            "target_ratio": manifest.target_ratio,
+            "achieved_ratio": manifest.achieved_ratio,
+            "model_ratio": manifest.model_ratio,
+            "linear_params": {"dense": dense_linear, "stored": stored_linear},
+            "model_params": {"dense": dense_total, "stored": stored_total},
+            "ranks": ranks_table(manifest, refs),
+            "whitening_damping": dec.damping,
+            "settings": manifest.settings,
+            "source_model": str(resolved),
+        }
+        if cfg.evaluate:
+            assert eval_win is not None
+            del model, grams
+            with timer.stage("evaluate_compressed"):
+                compressed = load_soco_model(writer.path)
+                comp = evaluate.perplexity(compressed, eval_win, progress=cfg.progress, desc="evaluate compressed")
+                del compressed
+            report.update(ppl_dense=dense.ppl, ppl_compressed=comp.ppl, eval_tokens=comp.tokens,
+                          eval_text=cfg.eval_text or "default (gensim Wikipedia sample, evaluation split)")
+        report["seconds"] = {**timer.seconds, "total": round(sum(timer.seconds.values()), 2)}
+        (writer.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            from .report import plot_ranks
+
+            plot_ranks(report["ranks"], f"{cfg.method}, ratio {manifest.achieved_ratio:.3f}", writer.path / "ranks.png")
+        except ImportError:  # matplotlib is optional
+            pass
+        writer.commit()
+    return report
+
+
+def _settings(cfg: CompressConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    for k in ("output", "force", "progress", "evaluate", "eval_text", "eval_windows", "max_shard_bytes", "device", "model"):
+        d.pop(k)
+    d["shared_types"] = list(cfg.shared_types) if METHODS[cfg.method].shares_bases else []
+    d["coefficient_update"] = cfg.refit
+    return d
+
+
+def ranks_table(manifest: Manifest, refs: list[models.LinearRef]) -> dict[str, dict[str, int | str]]:
+    """``{layer index: {matrix kind: rank, or "dense"}}``."""
+    table: dict[str, dict[str, int | str]] = {}
+    for r in refs:
+        e = manifest.linears[r.name]
+        table.setdefault(str(r.layer), {})[r.spec.kind] = "dense" if e.kind == "dense" else int(e.rank)  # type: ignore[arg-type]
+    return table

@@ -1,0 +1,328 @@
+"""Low-rank linear layers ``y = (x Vᵀ) Uᵀ + b``, including vLLM's fused multi-output layers.
+
+A fused layer (q/k/v, gate/up) has several output *segments* that share one input. Their
+shrink factors are concatenated into one ``v_cat [R, in]`` so that the shrink is a single
+product ``h = x v_catᵀ``; segment ``j`` then reads ``h[:, roff_j : roff_j + r_j]`` and writes
+``out[:, ooff_j : ooff_j + out_j] = h_j U_jᵀ``. An *identity* segment is a part the compressor
+kept dense: its rows of ``v_cat`` are the dense weight rows and its output block is ``h_j``.
+
+The expand factors of all segments are packed once, at load time, into a :class:`PackedExpand`:
+one flat buffer plus the segment table, both as Python ints (the torch path) and as an int32
+tensor on the buffer's device (the Triton kernels, which must not sync with the host).
+
+:func:`lowrank_forward` is the entry point. It sends small CUDA batches (decode) to the Triton
+kernels in :mod:`kernels.triton_lowrank` and everything else to :func:`lowrank_forward_torch`,
+which is also the CPU serving path. This module imports neither Triton nor vLLM, so it works on
+machines without a GPU; Triton is imported on the first CUDA call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Largest token count (rows of x) sent to the Triton decode kernels on CUDA; larger batches
+# (prefill) are compute-bound and go to two cuBLAS products. NOT MEASURED: chosen without a GPU.
+# Set it from `benchmarks/kernel_bench.py` on the target GPU (the token count where the
+# `triton` and `torch` columns cross).
+TRITON_MAX_TOKENS = 64
+
+# Rows of the segment table in `PackedExpand.meta` (int32 [len(META_FIELDS), num_segments]).
+META_FIELDS: tuple[str, ...] = ("rank_offset", "rank", "out_offset", "out_size", "u_offset", "u_stride", "identity")
+
+# Rows of each packed U_j are padded with zeros to a multiple of this many elements (16 bytes
+# in half precision), so the kernels' loads of U, the bulk of the bytes, are aligned vectors.
+U_ROW_ALIGN = 8
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One output block of a (possibly fused) low-rank layer, as Python ints.
+
+    ``U_j [out_size, rank]`` lies in :attr:`PackedExpand.u_flat` at element ``u_offset`` with
+    row stride ``u_stride`` (``rank`` rounded up to :data:`U_ROW_ALIGN`, zero-padded). An
+    identity segment has no ``U``: ``u_offset`` is -1 and ``u_stride`` 0.
+    """
+
+    rank_offset: int
+    rank: int
+    out_offset: int
+    out_size: int
+    u_offset: int
+    u_stride: int
+    identity: bool
+
+    def as_row(self) -> tuple[int, ...]:
+        """The segment's column of :attr:`PackedExpand.meta`, in :data:`META_FIELDS` order."""
+        return tuple(int(getattr(self, name)) for name in META_FIELDS)
+
+
+@dataclass
+class PackedExpand:
+    """The expand factors of all segments of one layer, packed for a single kernel launch.
+
+    Build it with :func:`pack_expand`. ``meta`` and the transposed views used by the torch
+    path are derived from ``u_flat`` and ``segments`` on construction; use :meth:`to` to move
+    or cast, which rebuilds them on the new device.
+    """
+
+    u_flat: torch.Tensor = field(repr=False)
+    """1-D; ``U_j`` row-major with padded rows at ``segments[j].u_offset`` (empty if all are identity)."""
+    segments: tuple[Segment, ...]
+    meta: torch.Tensor = field(init=False, repr=False)
+    """int32 ``[len(META_FIELDS), num_segments]`` on ``u_flat.device``: the table for Triton."""
+    expand_t: tuple[torch.Tensor | None, ...] = field(init=False, repr=False)
+    """``U_jᵀ`` as ``[rank, out_size]`` views of ``u_flat`` (None for identity): the torch path."""
+    total_rank: int = field(init=False)
+    """Rows of the matching ``v_cat``."""
+    total_out: int = field(init=False)
+    """Output features of the layer (all segments)."""
+
+    def __post_init__(self) -> None:
+        if self.u_flat.dim() != 1:
+            raise ValueError(f"PackedExpand.u_flat must be 1-D, got shape {tuple(self.u_flat.shape)}")
+        if not self.segments:
+            raise ValueError("PackedExpand needs at least one segment")
+        for j, seg in enumerate(self.segments):
+            end = seg.u_offset + seg.out_size * seg.u_stride
+            if not seg.identity and (seg.u_stride < seg.rank or end > self.u_flat.numel()):
+                raise ValueError(f"PackedExpand: segment {j} ({seg}) does not fit u_flat of {self.u_flat.numel()} elements")
+        rows = list(zip(*(s.as_row() for s in self.segments)))
+        self.meta = torch.tensor(rows, dtype=torch.int32, device=self.u_flat.device)
+        self.expand_t = tuple(None if s.identity else self._u_view(s).t() for s in self.segments)
+        self.total_rank = sum(s.rank for s in self.segments)
+        self.total_out = sum(s.out_size for s in self.segments)
+
+    def _u_view(self, seg: Segment) -> torch.Tensor:
+        padded = self.u_flat[seg.u_offset : seg.u_offset + seg.out_size * seg.u_stride]
+        return padded.view(seg.out_size, seg.u_stride)[:, : seg.rank]
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.u_flat.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.u_flat.device
+
+    def unpack(self) -> list[torch.Tensor | None]:
+        """The expand factors ``U_j [out_j, r_j]`` (views; None for identity), as given to :func:`pack_expand`."""
+        return [None if s.identity else self._u_view(s) for s in self.segments]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedExpand:
+        """A copy on ``device`` and/or in ``dtype`` (the segment table stays int32)."""
+        return PackedExpand(self.u_flat.to(device=device, dtype=dtype), self.segments)
+
+
+def pack_expand(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> PackedExpand:
+    """Pack the expand factors of one (possibly fused) layer into one zero-padded flat buffer.
+
+    Args:
+        us: per segment, ``U_j`` of shape ``[out_j, ranks[j]]``, or None for an identity segment
+            (a part kept dense; its ``v_cat`` rows are the weight rows).
+        ranks: per segment, the rank ``r_j`` (its rows in ``v_cat``); for an identity segment,
+            its output size.
+
+    All factors must share dtype and device; the buffer is a copy on that device.
+    """
+    factors = _check_factors(us, ranks)
+    segments = _plan_segments(us, ranks)
+    if not factors:
+        return PackedExpand(torch.empty(0), segments)
+    last = segments[max(j for j, s in enumerate(segments) if not s.identity)]
+    u_flat = factors[0].new_zeros(last.u_offset + last.out_size * last.u_stride)
+    packed = PackedExpand(u_flat, segments)
+    for view, u in zip(packed.unpack(), us):
+        if u is not None:
+            view.copy_(u.detach())
+    return packed
+
+
+def _check_factors(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> list[torch.Tensor]:
+    """The non-identity factors, after checking counts, types, ranks and shapes."""
+    if len(us) != len(ranks):
+        raise ValueError(f"pack_expand: got {len(us)} expand factors but {len(ranks)} ranks; need one rank per segment")
+    if not us:
+        raise ValueError("pack_expand: need at least one segment")
+    for j, (u, rank) in enumerate(zip(us, ranks)):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"pack_expand: segment {j}: rank must be a positive int, got {rank!r}")
+        if u is None:
+            continue
+        if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+            raise TypeError(f"pack_expand: segment {j}: U must be a floating-point tensor or None, got {u!r:.80}")
+        if u.dim() != 2 or u.shape[1] != rank or u.shape[0] < 1:
+            raise ValueError(
+                f"pack_expand: segment {j}: U must be 2-D [out, rank] = [out, {rank}] with out >= 1, "
+                f"got shape {tuple(u.shape)}"
+            )
+    factors = [u for u in us if u is not None]
+    if len({(u.dtype, u.device) for u in factors}) > 1:
+        seen = sorted({f"{u.dtype} on {u.device}" for u in factors})
+        raise ValueError(f"pack_expand: all expand factors must share dtype and device, got {seen}")
+    return factors
+
+
+def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> tuple[Segment, ...]:
+    """Offsets of every segment in ``v_cat``, the output and the padded ``u_flat`` (checked inputs)."""
+    segments: list[Segment] = []
+    rank_offset = out_offset = u_offset = 0
+    for u, rank in zip(us, ranks):
+        if u is None:
+            segments.append(Segment(rank_offset, rank, out_offset, rank, -1, 0, True))
+        else:
+            u_stride = -(-rank // U_ROW_ALIGN) * U_ROW_ALIGN
+            segments.append(Segment(rank_offset, rank, out_offset, u.shape[0], u_offset, u_stride, False))
+            u_offset += u.shape[0] * u_stride
+        rank_offset += rank
+        out_offset += segments[-1].out_size
+    if max(u_offset, rank_offset, out_offset) > _INT32_MAX:
+        raise ValueError("pack_expand: layer too large for the kernels' int32 offsets (more than 2**31 - 1 elements)")
+    return tuple(segments)
+
+
+def check_inputs(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> None:
+    """Raise a clear error unless ``x [..., in]``, ``v_cat [R, in]``, ``packed`` and ``bias`` fit together.
+
+    Only shape, dtype and device metadata are read (no host sync), so this is safe on the hot path.
+    """
+    if v_cat.dim() != 2 or v_cat.shape[0] != packed.total_rank:
+        raise ValueError(
+            f"v_cat must be [total rank, in] = [{packed.total_rank}, in] for this PackedExpand, "
+            f"got shape {tuple(v_cat.shape)}"
+        )
+    if x.dim() < 1 or x.shape[-1] != v_cat.shape[1]:
+        raise ValueError(f"x must be [..., in] with in = {v_cat.shape[1]} (v_cat's columns), got shape {tuple(x.shape)}")
+    if bias is not None and bias.shape != (packed.total_out,):
+        raise ValueError(f"bias must be [{packed.total_out}] (all segments' outputs), got shape {tuple(bias.shape)}")
+    dtype, device = x.dtype, x.device
+    operands = (v_cat, bias, packed.u_flat if packed.u_flat.numel() else None)
+    if any(t is not None and (t.dtype != dtype or t.device != device) for t in operands) or packed.meta.device != device:
+        names = ("x", "v_cat", "bias", "packed.u_flat", "packed.meta")
+        desc = ", ".join(f"{n}: {t.dtype} on {t.device}" for n, t in zip(names, (x, *operands, packed.meta)) if t is not None)
+        raise ValueError(f"lowrank_forward needs one dtype and device for all operands (packed.meta: the device), got {desc}")
+
+
+def lowrank_forward(
+    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = (x v_catᵀ)`` expanded per segment (``+ bias``): ``x [..., in] -> [..., total_out]``.
+
+    CUDA inputs with at most :data:`TRITON_MAX_TOKENS` tokens run the Triton decode kernels (one
+    launch for all segments, or a cuBLAS shrink and one launch, see :mod:`kernels.triton_lowrank`);
+    everything else runs :func:`lowrank_forward_torch`. CUDA-graph safe: no host syncs and no
+    data-dependent shapes.
+    """
+    check_inputs(x, v_cat, packed, bias)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    backend = _triton_backend() if x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
+    if backend is not None:
+        y = backend.launch(x2d, v_cat, packed, bias)
+    else:
+        y = _torch_forward_2d(x2d, v_cat, packed, bias)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.total_out)
+
+
+def lowrank_silu_mul(
+    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up low-rank layer: ``x [..., in] -> [..., intermediate]``.
+
+    ``packed`` must have two segments of equal size (gate, then up), as vLLM's
+    ``MergedColumnParallelLinear`` lays them out. Small CUDA batches fuse the activation into
+    the expand kernel (the gate/up output never reaches memory); otherwise the activation
+    follows :func:`lowrank_forward`.
+    """
+    check_inputs(x, v_cat, packed, bias)
+    check_gated(packed)
+    x2d = x.reshape(-1, x.shape[-1])
+    backend = _triton_backend() if x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
+    if backend is not None:
+        y = backend.launch(x2d, v_cat, packed, bias, gated=True)
+    else:
+        gate_up = _torch_forward_2d(x2d, v_cat, packed, bias)
+        gate, up = gate_up.split(packed.segments[0].out_size, dim=-1)
+        y = torch.nn.functional.silu(gate).mul_(up)
+    return y.view(*x.shape[:-1], packed.segments[0].out_size)
+
+
+def check_gated(packed: PackedExpand) -> None:
+    """Raise unless ``packed`` is a gate/up pair: two segments with equal output sizes."""
+    sizes = [s.out_size for s in packed.segments]
+    if len(sizes) != 2 or sizes[0] != sizes[1]:
+        raise ValueError(f"a SiLU-gated layer needs two segments (gate, up) of equal size, got output sizes {sizes}")
+
+
+def lowrank_forward_torch(
+    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The torch path of :func:`lowrank_forward` (any device): one shrink product, one product per segment."""
+    check_inputs(x, v_cat, packed, bias)
+    y = _torch_forward_2d(x.reshape(-1, x.shape[-1]), v_cat, packed, bias)
+    return y.view(*x.shape[:-1], packed.total_out)
+
+
+def _torch_forward_2d(
+    x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One shrink GEMM, then each segment's GEMM written straight into its column block of ``out``.
+
+    BLAS takes the strided column blocks (``h`` slices, ``out`` slices, transposed ``U`` views)
+    as leading dimensions, so nothing is copied or concatenated; the Python work is per
+    segment, never per token.
+    """
+    h = torch.mm(x2d, v_cat.t())
+    if packed.num_segments == 1:  # plain layer: no output blocks to place
+        (u_t,) = packed.expand_t
+        if u_t is None:
+            return h if bias is None else h.add_(bias)
+        return torch.mm(h, u_t) if bias is None else torch.addmm(bias, h, u_t)
+    out = h.new_empty(h.shape[0], packed.total_out)
+    for seg, u_t in zip(packed.segments, packed.expand_t):
+        h_j = h[:, seg.rank_offset : seg.rank_offset + seg.rank]
+        out_j = out[:, seg.out_offset : seg.out_offset + seg.out_size]
+        bias_j = None if bias is None else bias[seg.out_offset : seg.out_offset + seg.out_size]
+        if u_t is None:
+            out_j.copy_(h_j) if bias_j is None else torch.add(h_j, bias_j, out=out_j)
+        elif bias_j is None:
+            torch.mm(h_j, u_t, out=out_j)
+        else:
+            torch.addmm(bias_j, h_j, u_t, out=out_j)
+    return out
+
+
+def lowrank_forward_reference(
+    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The obviously-correct result, in float64: each segment separately, then concatenated."""
+    x64, v64 = x.double(), v_cat.double()
+    blocks = []
+    for seg, u in zip(packed.segments, packed.unpack()):
+        h = x64 @ v64[seg.rank_offset : seg.rank_offset + seg.rank].T
+        blocks.append(h if u is None else h @ u.double().T)
+    y = torch.cat(blocks, dim=-1)
+    return y if bias is None else y + bias.double()
+
+
+@functools.cache
+def _triton_backend() -> ModuleType | None:
+    """:mod:`kernels.triton_lowrank`, or None (logged once) if Triton cannot be imported here."""
+    try:
+        from . import triton_lowrank
+    except ImportError as exc:
+        logger.warning("Triton unavailable (%s): low-rank layers use the torch path on CUDA too", exc)
+        return None
+    return triton_lowrank
