@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import lowrank_forward, lowrank_forward_torch  # noqa: E402
 from kernels.benchmarking import (  # noqa: E402
-    DEFAULT_RESULTS_DIR,
-    DTYPES,
     LowRankWeights,
+    add_common_args,
     environment,
     lowrank_for_ratio,
-    parse_floats,
     parse_ints,
+    resolve_common_args,
+    run_config,
     time_ms,
     write_results,
 )
@@ -87,7 +87,9 @@ MODELS = {
 QUICK_SHAPES = ("q/o", "qkv")
 
 
-def methods(weights: LowRankWeights, dense: torch.Tensor, x: torch.Tensor, triton_ok: bool) -> dict[str, Callable[[], object]]:
+def methods(
+    weights: LowRankWeights, dense: torch.Tensor, x: torch.Tensor, triton_ok: bool
+) -> dict[str, Callable[[], object]]:
     """The calls to time for one (shape, ratio, token count); ``triton_ok`` adds the Triton modes."""
     v, packed = weights.v_cat, weights.packed
     calls: dict[str, Callable[[], object]] = {
@@ -108,7 +110,9 @@ def bench_shape(shape: LinearShape, args: argparse.Namespace, device: torch.devi
     dense = torch.randn(sum(shape.outs), shape.in_features, device=device, dtype=dtype) / shape.in_features**0.5
     elt = dense.element_size()
     for ratio in args.ratios:
-        weights = lowrank_for_ratio(shape.in_features, shape.outs, ratio, dtype=dtype, device=device, rank_align=args.rank_align)
+        weights = lowrank_for_ratio(
+            shape.in_features, shape.outs, ratio, dtype=dtype, device=device, rank_align=args.rank_align
+        )
         for tokens in args.tokens:
             x = torch.randn(tokens, shape.in_features, device=device, dtype=dtype)
             io_bytes = tokens * (shape.in_features + sum(shape.outs)) * elt
@@ -160,7 +164,8 @@ def plot(rows: list[dict], title: str):
     labels = list(dict.fromkeys(r["label"] for r in rows))
     ratios = sorted({r["ratio"] for r in rows})
     cols = min(3, len(labels))
-    fig, axes = plt.subplots(-(-len(labels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(labels) // cols)), squeeze=False)
+    rows_n = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
     for ax, label in zip(axes.flat, labels):
         for i, ratio in enumerate(ratios):
             sel = [r for r in rows if r["label"] == label and r["ratio"] == ratio and r["method"] == "dispatched"]
@@ -182,27 +187,32 @@ def plot(rows: list[dict], title: str):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 is emulated and slow)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
-    parser.add_argument("--shapes", help="comma-separated shape names to keep (q/o, k/v, gate/up, down, qkv, gate_up); default all")
-    parser.add_argument("--ratios", type=parse_floats, default=[0.2, 0.3, 0.4, 0.5], help="compression ratios (default 0.2,0.3,0.4,0.5)")
-    parser.add_argument("--tokens", type=parse_ints, help="token counts (default 1,4,16,64,256,2048 on CUDA, 1,4,16,64 on CPU)")
-    parser.add_argument("--rank-align", type=int, default=1, help="round ranks down to a multiple of this (8 = the kernels' aligned case; default 1 = exact formula)")
-    parser.add_argument("--triton-max-tokens", type=int, default=256, help="time the Triton modes up to this token count (default 256)")
-    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="device memory bandwidth for the %%-of-peak column (default 3350 = H100 SXM HBM3)")
-    parser.add_argument("--cuda-graph", action="store_true", help="CUDA: time with triton.testing.do_bench_cudagraph (no launch overhead, L2 not flushed) instead of do_bench")
-    parser.add_argument("--cpu-reps", type=int, default=20, help="CPU: timed calls per measurement (default 20)")
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: SmolLM2 {'/'.join(QUICK_SHAPES)} only, ratios 0.2,0.5, tokens 1,4,16")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR, help=f"where JSON and PNG go (default {DEFAULT_RESULTS_DIR})")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    add_common_args(parser)
+    add = parser.add_argument
+    add("--models", help=f"comma-separated, from {list(MODELS)} (default all)")
+    add("--shapes", help="comma-separated shape names to keep (q/o, k/v, gate/up, down, qkv, gate_up; default all)")
+    add("--tokens", type=parse_ints, help="token counts (default 1,4,16,64,256,2048 on CUDA, 1,4,16,64 on CPU)")
+    add("--triton-max-tokens", type=int, default=256, help="time the Triton modes up to this token count (default 256)")
+    add(
+        "--peak-gbps", type=float, default=3350.0,
+        help="device memory bandwidth for the %%-of-peak column (default 3350: H100 SXM HBM3)",
+    )  # fmt: skip
+    add(
+        "--cuda-graph", action="store_true",
+        help="CUDA: time with triton.testing.do_bench_cudagraph (no launch overhead, L2 not flushed) instead of do_bench",
+    )  # fmt: skip
+    add("--cpu-reps", type=int, default=20, help="CPU: timed calls per measurement (default 20)")
+    add("--quick", action="store_true", help=f"smoke run defaults: SmolLM2 {', '.join(QUICK_SHAPES)}; ratios 0.2,0.5; tokens 1,4,16")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
-    if args.quick:
-        args.models, args.shapes, args.ratios, args.tokens = "smollm2-135m", ",".join(QUICK_SHAPES), [0.2, 0.5], [1, 4, 16]
-    if args.tokens is None:
-        args.tokens = [1, 4, 16, 64, 256, 2048] if args.device.type == "cuda" else [1, 4, 16, 64]
+    cuda = args.device.startswith("cuda")
+    resolve_common_args(
+        parser, args,
+        {
+            "models": ("smollm2-135m", ",".join(MODELS)),
+            "shapes": (",".join(QUICK_SHAPES), ",".join(s.name for s in MODELS["smollm2-135m"])),
+            "tokens": ([1, 4, 16], [1, 4, 16, 64, 256, 2048] if cuda else [1, 4, 16, 64]),
+        },
+    )  # fmt: skip
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
@@ -212,13 +222,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    keep = set(args.shapes.split(",")) if args.shapes else None
-    shapes = [s for m in args.models.split(",") for s in MODELS[m] if keep is None or s.name in keep]
+    keep = set(args.shapes.split(","))
+    shapes = [s for m in args.models.split(",") for s in MODELS[m] if s.name in keep]
     env = environment(args.device)
     print(f"# {env['device']}, {args.dtype}, torch {env['torch']}, triton {env['triton']}")
     rows = [row for shape in shapes for row in bench_shape(shape, args, args.device, args.dtype)]
-    config = {k: (str(v) if isinstance(v, (Path, torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
-    payload = {"environment": env, "config": config, "results": rows}
+    payload = {"environment": env, "config": run_config(args), "results": rows}
     figure = None if args.no_plot else plot(rows, f"{env['device']}, {str(args.dtype).removeprefix('torch.')}")
     for path in write_results("kernel_bench", payload, args.out_dir, figure):
         print(f"wrote {path}")

@@ -7,6 +7,7 @@ they measure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -141,6 +142,43 @@ def write_results(stem: str, payload: dict[str, Any], out_dir: Path, figure: Any
         paths.append(base.with_suffix(".png"))
         figure.savefig(paths[1], dpi=120, bbox_inches="tight")
     return paths
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmarks share: device, dtype, ratios, rank rounding, output."""
+    add = parser.add_argument
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda if available)")
+    add("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 is emulated and slow)")
+    add("--ratios", type=parse_floats, help="compression ratios (default 0.2,0.3,0.4,0.5)")
+    add(
+        "--rank-align", type=int, default=1,
+        help="round ranks down to a multiple of this (8: the kernels' aligned-load case; default 1: the exact formula)",
+    )  # fmt: skip
+    add("--out-dir", type=Path, default=DEFAULT_RESULTS_DIR, help=f"where JSON and PNG go (default {DEFAULT_RESULTS_DIR})")
+    add("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+
+
+def resolve_common_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, tuple[Any, Any]]
+) -> None:
+    """Fill options left unset from ``defaults`` (name -> (value with ``--quick``, value without)),
+    turn ``--device``/``--dtype`` into torch objects and check the ratios; in place.
+
+    Options given explicitly win over ``--quick``.
+    """
+    defaults = {"ratios": ([0.2, 0.5], [0.2, 0.3, 0.4, 0.5]), **defaults}
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.device = torch.device(args.device)
+    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    if any(not 0.0 <= r < 1.0 for r in args.ratios):
+        parser.error(f"--ratios must lie in [0, 1), got {args.ratios}")
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``args`` as JSON-ready values, for the result file."""
+    return {k: (str(v) if isinstance(v, (Path, torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
 
 
 def parse_floats(text: str) -> list[float]:

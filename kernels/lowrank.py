@@ -12,8 +12,11 @@ tensor on the buffer's device (the Triton kernels, which must not sync with the 
 
 :func:`lowrank_forward` is the entry point. It sends small CUDA batches (decode) to the Triton
 kernels in :mod:`kernels.triton_lowrank` and everything else to :func:`lowrank_forward_torch`,
-which is also the CPU serving path. This module imports neither Triton nor vLLM, so it works on
-machines without a GPU; Triton is imported on the first CUDA call.
+which is also the CPU serving path. :func:`lowrank_expand` is the expand half alone (row-parallel
+layers under tensor parallelism) and :func:`lowrank_silu_mul` a gate/up layer with its activation.
+
+This module imports neither Triton nor vLLM, so it works on machines without a GPU; Triton is
+imported on the first CUDA call.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ class PackedExpand:
         for j, seg in enumerate(self.segments):
             end = seg.u_offset + seg.out_size * seg.u_stride
             if not seg.identity and (seg.u_stride < seg.rank or end > self.u_flat.numel()):
-                raise ValueError(f"PackedExpand: segment {j} ({seg}) does not fit u_flat of {self.u_flat.numel()} elements")
+                numel = self.u_flat.numel()
+                raise ValueError(f"PackedExpand: segment {j} ({seg}) does not fit u_flat of {numel} elements")
         rows = list(zip(*(s.as_row() for s in self.segments)))
         self.meta = torch.tensor(rows, dtype=torch.int32, device=self.u_flat.device)
         self.expand_t = tuple(None if s.identity else self._u_view(s).t() for s in self.segments)
@@ -105,6 +109,12 @@ class PackedExpand:
     def _u_view(self, seg: Segment) -> torch.Tensor:
         padded = self.u_flat[seg.u_offset : seg.u_offset + seg.out_size * seg.u_stride]
         return padded.view(seg.out_size, seg.u_stride)[:, : seg.rank]
+
+    @property
+    def kernel_aligned(self) -> bool:
+        """Whether every ``U_j`` row starts and strides on :data:`U_ROW_ALIGN` (the Triton kernels' contract)."""
+        return all(s.identity or (s.u_stride % U_ROW_ALIGN == 0 and s.u_offset % U_ROW_ALIGN == 0)
+                   for s in self.segments)
 
     @property
     def num_segments(self) -> int:
@@ -127,7 +137,7 @@ class PackedExpand:
         return PackedExpand(self.u_flat.to(device=device, dtype=dtype), self.segments)
 
 
-def pack_expand(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> PackedExpand:
+def pack_expand(us: Sequence[torch.Tensor | None], ranks: Sequence[int], row_align: int = U_ROW_ALIGN) -> PackedExpand:
     """Pack the expand factors of one (possibly fused) layer into one zero-padded flat buffer.
 
     Args:
@@ -137,9 +147,11 @@ def pack_expand(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> Pack
             its output size.
 
     All factors must share dtype and device; the buffer is a copy on that device.
+    ``row_align`` pads each row of ``U_j``; the Triton kernels need :data:`U_ROW_ALIGN` (packs
+    with other alignments always take the torch path), the CPU path wastes nothing with 1.
     """
     factors = _check_factors(us, ranks)
-    segments = _plan_segments(us, ranks)
+    segments = _plan_segments(us, ranks, row_align)
     if not factors:
         return PackedExpand(torch.empty(0), segments)
     last = segments[max(j for j, s in enumerate(segments) if not s.identity)]
@@ -176,7 +188,8 @@ def _check_factors(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> l
     return factors
 
 
-def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> tuple[Segment, ...]:
+def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int],
+                   row_align: int = U_ROW_ALIGN) -> tuple[Segment, ...]:
     """Offsets of every segment in ``v_cat``, the output and the padded ``u_flat`` (checked inputs)."""
     segments: list[Segment] = []
     rank_offset = out_offset = u_offset = 0
@@ -184,7 +197,7 @@ def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> t
         if u is None:
             segments.append(Segment(rank_offset, rank, out_offset, rank, -1, 0, True))
         else:
-            u_stride = -(-rank // U_ROW_ALIGN) * U_ROW_ALIGN
+            u_stride = -(-rank // row_align) * row_align
             segments.append(Segment(rank_offset, rank, out_offset, u.shape[0], u_offset, u_stride, False))
             u_offset += u.shape[0] * u_stride
         rank_offset += rank
@@ -205,15 +218,23 @@ def check_inputs(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bia
             f"got shape {tuple(v_cat.shape)}"
         )
     if x.dim() < 1 or x.shape[-1] != v_cat.shape[1]:
-        raise ValueError(f"x must be [..., in] with in = {v_cat.shape[1]} (v_cat's columns), got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be [..., in] with in = {v_cat.shape[1]} (v_cat's columns), got {tuple(x.shape)}")
+    _check_bias_and_kinds(x, "x", packed, bias, v_cat)
+
+
+def _check_bias_and_kinds(
+    x: torch.Tensor, x_name: str, packed: PackedExpand, bias: torch.Tensor | None, v_cat: torch.Tensor | None = None
+) -> None:
+    """``bias`` is ``[total_out]``; every operand has ``x``'s dtype and device (``packed.meta`` its device)."""
     if bias is not None and bias.shape != (packed.total_out,):
         raise ValueError(f"bias must be [{packed.total_out}] (all segments' outputs), got shape {tuple(bias.shape)}")
     dtype, device = x.dtype, x.device
     operands = (v_cat, bias, packed.u_flat if packed.u_flat.numel() else None)
-    if any(t is not None and (t.dtype != dtype or t.device != device) for t in operands) or packed.meta.device != device:
-        names = ("x", "v_cat", "bias", "packed.u_flat", "packed.meta")
-        desc = ", ".join(f"{n}: {t.dtype} on {t.device}" for n, t in zip(names, (x, *operands, packed.meta)) if t is not None)
-        raise ValueError(f"lowrank_forward needs one dtype and device for all operands (packed.meta: the device), got {desc}")
+    mismatch = any(t is not None and (t.dtype != dtype or t.device != device) for t in operands)
+    if mismatch or packed.meta.device != device:
+        named = zip((x_name, "v_cat", "bias", "packed.u_flat", "packed.meta"), (x, *operands, packed.meta))
+        desc = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in named if t is not None)
+        raise ValueError(f"low-rank layers need one dtype and device for all operands (packed.meta: the device), got {desc}")
 
 
 def lowrank_forward(
@@ -228,7 +249,7 @@ def lowrank_forward(
     """
     check_inputs(x, v_cat, packed, bias)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    backend = _triton_backend() if x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
+    backend = _triton_backend() if packed.kernel_aligned and x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
     if backend is not None:
         y = backend.launch(x2d, v_cat, packed, bias)
     else:
@@ -249,7 +270,7 @@ def lowrank_silu_mul(
     check_inputs(x, v_cat, packed, bias)
     check_gated(packed)
     x2d = x.reshape(-1, x.shape[-1])
-    backend = _triton_backend() if x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
+    backend = _triton_backend() if packed.kernel_aligned and x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
     if backend is not None:
         y = backend.launch(x2d, v_cat, packed, bias, gated=True)
     else:
@@ -284,11 +305,31 @@ def _torch_forward_2d(
     as leading dimensions, so nothing is copied or concatenated; the Python work is per
     segment, never per token.
     """
-    h = torch.mm(x2d, v_cat.t())
+    return _expand_2d(torch.mm(x2d, v_cat.t()), packed, bias)
+
+
+def lowrank_expand(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The expand half alone: ``h [..., R]`` (a shrink product, e.g. all-reduced across TP ranks)
+    to ``[..., total_out]``, each segment's block written in place.
+
+    Small CUDA batches run the Triton expand (all segments in one launch, the two-phase kernel's
+    second phase); everything else the torch path. ``h`` is not modified.
+    """
+    if h.dim() < 1 or h.shape[-1] != packed.total_rank:
+        raise ValueError(f"lowrank_expand: h has {h.shape[-1]} columns, the packed factors expect {packed.total_rank}")
+    _check_bias_and_kinds(h, "h", packed, bias)
+    h2d = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+    backend = _triton_backend() if packed.kernel_aligned and h.is_cuda and h2d.shape[0] <= TRITON_MAX_TOKENS else None
+    y = backend.launch_expand(h2d, packed, bias) if backend is not None else _expand_2d(h2d, packed, bias)
+    return y if h.dim() == 2 else y.view(*h.shape[:-1], packed.total_out)
+
+
+def _expand_2d(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> torch.Tensor:
+    """Each segment's product ``h_j U_jᵀ`` (or copy of ``h_j``) into its column block; ``h`` is left as is."""
     if packed.num_segments == 1:  # plain layer: no output blocks to place
         (u_t,) = packed.expand_t
         if u_t is None:
-            return h if bias is None else h.add_(bias)
+            return h if bias is None else h + bias
         return torch.mm(h, u_t) if bias is None else torch.addmm(bias, h, u_t)
     out = h.new_empty(h.shape[0], packed.total_out)
     for seg, u_t in zip(packed.segments, packed.expand_t):

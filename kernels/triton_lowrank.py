@@ -12,7 +12,9 @@ needs in full, so there are two sensible ways to run it, both implemented by one
 * ``"two_phase"`` (split at the rank): cuBLAS computes ``h`` for all segments in one product (a
   few KB, it stays in L2), then ONE launch of the same kernel expands every segment from ``h``.
   Each weight byte is read once, so this wins when re-reading ``V`` per tile would cost more than a
-  launch (7B-sized layers: ``V`` is megabytes and there are hundreds of output tiles).
+  launch (7B-sized layers: ``V`` is megabytes and there are hundreds of output tiles). The
+  second phase alone (:func:`launch_expand`) also serves row-parallel layers under tensor
+  parallelism, where ``h`` arrives all-reduced.
 
 :func:`choose_mode` picks by the bytes of ``V`` the fused form would re-read, against
 :data:`FUSED_REREAD_BUDGET_BYTES`. A single grid-synchronised launch (phase 1, grid barrier,
@@ -100,7 +102,9 @@ def default_config(num_tokens: int, mode: Literal["fused", "two_phase"]) -> Kern
     return KernelConfig(block_m=block_m, block_n=32, block_r=64, block_k=64)
 
 
-def fused_reread_bytes(num_tokens: int, in_features: int, packed: PackedExpand, element_size: int, config: KernelConfig) -> int:
+def fused_reread_bytes(
+    num_tokens: int, in_features: int, packed: PackedExpand, element_size: int, config: KernelConfig
+) -> int:
     """Bytes of ``V`` the fused form reads beyond one pass (every program after a segment's first re-reads it)."""
     m_blocks = triton.cdiv(num_tokens, config.block_m)
     extra_rows = sum(
@@ -109,7 +113,9 @@ def fused_reread_bytes(num_tokens: int, in_features: int, packed: PackedExpand, 
     return extra_rows * in_features * element_size
 
 
-def choose_mode(num_tokens: int, in_features: int, packed: PackedExpand, element_size: int) -> Literal["fused", "two_phase"]:
+def choose_mode(
+    num_tokens: int, in_features: int, packed: PackedExpand, element_size: int
+) -> Literal["fused", "two_phase"]:
     """``"fused"`` while its re-read of ``V`` fits :data:`FUSED_REREAD_BUDGET_BYTES`, else ``"two_phase"``."""
     reread = fused_reread_bytes(num_tokens, in_features, packed, element_size, default_config(num_tokens, "fused"))
     return "fused" if reread <= FUSED_REREAD_BUDGET_BYTES else "two_phase"
@@ -125,7 +131,7 @@ def lowrank_forward_triton(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[tokens, in] -> [tokens, total_out]`` for all segments in one kernel launch (plus the cuBLAS shrink in ``"two_phase"``).
+    """``[tokens, in] -> [tokens, total_out]``, all segments in one launch (after the cuBLAS shrink in ``"two_phase"``).
 
     ``mode`` and ``config`` override :func:`choose_mode` and :func:`default_config` (benchmarks,
     tests); ``out`` is an optional preallocated result (row stride free, columns contiguous).
@@ -170,40 +176,73 @@ def launch(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the kernel on inputs the caller has already validated (:func:`kernels.lowrank.lowrank_forward` does)."""
+    """The whole layer on inputs the caller has already validated (:func:`kernels.lowrank.lowrank_forward` does)."""
     if mode not in ("auto", "fused", "two_phase"):
         raise ValueError(f"mode must be 'auto', 'fused' or 'two_phase', got {mode!r}")
     num_tokens, in_features = x2d.shape
     if mode == "auto":
         mode = choose_mode(num_tokens, in_features, packed, x2d.element_size())
     cfg = config or default_config(num_tokens, mode)
-    if gated:
-        n_out = packed.segments[0].out_size
-        n_tiles = triton.cdiv(n_out, cfg.block_n)
-    else:
-        n_out = packed.total_out
-        n_tiles = sum(triton.cdiv(s.out_size, cfg.block_n) for s in packed.segments)
-    out = _output(out, (num_tokens, n_out), x2d)
-    if num_tokens == 0:
-        return out
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     v_cat = v_cat if v_cat.stride(-1) == 1 else v_cat.contiguous()
-    src = x2d if mode == "fused" else _shrink(x2d, v_cat)
-    # Pointers that are never dereferenced (no U, no bias) still need a valid tensor.
-    u_flat = packed.u_flat if packed.u_flat.numel() else v_cat
-    grid = (n_tiles, triton.cdiv(num_tokens, cfg.block_m))
+    if mode == "fused":
+        return _run(x2d, v_cat, packed, bias, fused=True, gated=gated, config=cfg, out=out)
+    return _run(_shrink(x2d, v_cat), v_cat, packed, bias, fused=False, gated=gated, config=cfg, out=out)
+
+
+def launch_expand(
+    h2d: torch.Tensor,
+    packed: PackedExpand,
+    bias: torch.Tensor | None = None,
+    *,
+    gated: bool = False,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The expand alone, from a given ``h [tokens, R]`` (validated by :func:`kernels.lowrank.lowrank_expand`)."""
+    h2d = h2d if h2d.stride(-1) == 1 else h2d.contiguous()
+    cfg = config or default_config(h2d.shape[0], "two_phase")
+    return _run(h2d, None, packed, bias, fused=False, gated=gated, config=cfg, out=out)
+
+
+def _run(
+    src: torch.Tensor,
+    v_cat: torch.Tensor | None,
+    packed: PackedExpand,
+    bias: torch.Tensor | None,
+    *,
+    fused: bool,
+    gated: bool,
+    config: KernelConfig,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """One launch over all output tiles. ``src`` is x (``fused``: h is recomputed from ``v_cat``) or h."""
+    num_tokens = src.shape[0]
+    if gated:
+        n_out = packed.segments[0].out_size
+        n_tiles = triton.cdiv(n_out, config.block_n)
+    else:
+        n_out = packed.total_out
+        n_tiles = sum(triton.cdiv(s.out_size, config.block_n) for s in packed.segments)
+    out = _output(out, (num_tokens, n_out), src)
+    if num_tokens == 0:
+        return out
+    # Pointers that are never dereferenced (no V in the expand, no U, no bias) still need a tensor.
+    v_cat = src if v_cat is None else v_cat
+    u_flat = packed.u_flat if packed.u_flat.numel() else src
+    grid = (n_tiles, triton.cdiv(num_tokens, config.block_m))
     _lowrank_kernel[grid](
         src, src.stride(0), v_cat, v_cat.stride(0), u_flat, packed.meta,
-        bias if bias is not None else out, out, out.stride(0), num_tokens, in_features,
+        bias if bias is not None else out, out, out.stride(0), num_tokens, v_cat.shape[1],
         NUM_SEGS=packed.num_segments,
         HAS_BIAS=bias is not None,
-        FUSED_SHRINK=mode == "fused",
+        FUSED_SHRINK=fused,
         GATED=gated,
         RANKS_ALIGNED=all(seg.rank % U_ROW_ALIGN == 0 for seg in packed.segments),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        UPCAST=INTERPRETED and x2d.dtype == torch.bfloat16,
-        PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+        UPCAST=INTERPRETED and src.dtype == torch.bfloat16,
+        PRECISION="ieee" if src.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )  # fmt: skip
     return out
 
@@ -250,8 +289,10 @@ def _shrink_tile(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(v_rows_ptr + offs_r[None, :] * stride_v + offs_k[:, None], mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        v_ptrs = v_rows_ptr + offs_r[None, :] * stride_v + offs_k[:, None]  # V rows, transposed: [BLOCK_K, BLOCK_R]
+        v = tl.load(v_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
         acc += _dot(x, v, UPCAST, PRECISION)
     return acc
 

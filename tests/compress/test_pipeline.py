@@ -30,14 +30,19 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("method", ["svd", "svd-llm", "basis-sharing"])
 def test_full_rank_reproduces_dense_logits(tiny_llama_f64, text_file, tmp_path, method):
-    out = _compress(tiny_llama_f64, tmp_path / method, "--method", method, "--full-rank",
-                    "--coefficient-update", "on", text=text_file)
+    out = _compress(tiny_llama_f64, tmp_path / method, "--method", method, "--full-rank", text=text_file)
     dense = load_model(str(tiny_llama_f64))[0]
     comp = load_soco_model(out)
     assert comp.dtype == torch.float64
     assert sum(isinstance(m, LowRankLinear) for m in comp.modules()) == 4 * 7
     ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(comp, ids), _logits(dense, ids), rtol=0, atol=1e-9)
+    if method == "basis-sharing":
+        # The coefficient update keeps a full-rank basis exact too, up to the conditioning of
+        # its (ridged) normal equations.
+        out = _compress(tiny_llama_f64, tmp_path / "refit", "--method", method, "--full-rank",
+                        "--coefficient-update", "on", text=text_file)
+        torch.testing.assert_close(_logits(load_soco_model(out), ids), _logits(dense, ids), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,extra", [("svd-llm", []), ("basis-sharing", ["--group-size", "2"]),
@@ -66,24 +71,20 @@ def test_checkpoint_matches_budget_and_stores_bases_once(tiny_llama, text_file, 
         assert len(names) == len(m.bases) // 5
 
 
-def test_coefficient_update_brings_hidden_states_closer_to_dense(tiny_llama, text_file, tmp_path):
-    from transformers import AutoTokenizer
-
-    from compress import data
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    ids = data.eval_windows(data.tokenize_stream(tok, text_file.read_text()), 64, 8)
-    dense = load_model(str(tiny_llama))[0]
-    with torch.no_grad():
-        ref = dense.model(input_ids=ids).last_hidden_state
-    err = {}
+def test_coefficient_update_refits_only_the_shared_coefficients(tiny_llama, text_file, tmp_path):
+    # Its effect on quality is measured on the real model (benchmarks/quality.py); here: it runs,
+    # is recorded, changes the shared coefficients and nothing else.
+    readers = {}
     for mode in ("off", "on"):
         out = _compress(tiny_llama, tmp_path / mode, "--method", "basis-sharing", "--ratio", "0.6",
                         "--coefficient-update", mode, text=text_file)
-        with torch.no_grad():
-            hidden = load_soco_model(out).model(input_ids=ids).last_hidden_state
-        err[mode] = float((hidden - ref).pow(2).mean())
-    assert err["on"] < err["off"], err
+        readers[mode] = CheckpointReader(out)
+        assert readers[mode].manifest.settings["coefficient_update"] is (mode == "on")
+    off, on = readers["off"], readers["on"]
+    for name in off.names():
+        same = torch.equal(off.get(name), on.get(name))
+        shared_u = name.endswith(".lowrank_u") and off.manifest.linears[name.rpartition(".")[0]].kind == "shared"
+        assert same != shared_u, name
 
 
 def _fails(argv, capsys, *needles):

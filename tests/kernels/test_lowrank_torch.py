@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kernels import (
     META_FIELDS,
+    lowrank_expand,
     lowrank_forward,
     lowrank_forward_reference,
     lowrank_forward_torch,
@@ -52,6 +53,29 @@ def test_torch_path_takes_strided_input(make_layer, check_close):
     x = torch.randn(24, 6).t()  # [6, 24], non-contiguous
     y = lowrank_forward(x, layer.v_cat, layer.packed, layer.bias)
     check_close(y, lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_expand_of_shrink_is_forward(layout, bias, make_layer, check_close):
+    """``lowrank_expand(x v_catᵀ)`` (the row-parallel TP path) equals the whole forward; h is left untouched."""
+    layer = make_layer(24, LAYOUTS[layout], bias=bias)
+    x = torch.randn(2, 3, 24)
+    h = x @ layer.v_cat.T
+    h_before = h.clone()
+    y = lowrank_expand(h, layer.packed, layer.bias)
+    check_close(y, lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+    assert torch.equal(h, h_before)
+
+
+def test_expand_rejects_mismatched_operands(make_layer):
+    layer = make_layer(24, LAYOUTS["qkv"], bias=True)
+    with pytest.raises(ValueError, match="h has 20 columns, the packed factors expect 21"):
+        lowrank_expand(torch.randn(2, 20), layer.packed)
+    with pytest.raises(ValueError, match=r"bias must be \[49\]"):
+        lowrank_expand(torch.randn(2, 21), layer.packed, layer.bias[:3])
+    with pytest.raises(ValueError, match="one dtype and device.*h: torch.float64"):
+        lowrank_expand(torch.randn(2, 21, dtype=torch.float64), layer.packed)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -132,3 +156,18 @@ def test_forward_rejects_mismatched_operands(make_layer):
         lowrank_forward(x, layer.v_cat, layer.packed, layer.bias[:48])
     with pytest.raises(ValueError, match="one dtype and device.*x: torch.float64 on cpu, v_cat: torch.float32"):
         lowrank_forward(x.double(), layer.v_cat, layer.packed)
+
+
+def test_unaligned_pack_is_exact_and_kept_off_the_kernels():
+    import kernels
+
+    g = torch.Generator().manual_seed(3)
+    us = [torch.randn(5, 3, generator=g), None, torch.randn(4, 9, generator=g)]
+    ranks = [3, 6, 9]
+    x = torch.randn(2, 7, 16, generator=g)
+    v = torch.randn(sum(ranks), 16, generator=g)
+    tight = kernels.pack_expand(us, ranks, row_align=1)
+    assert tight.u_flat.numel() == 5 * 3 + 4 * 9 and not tight.kernel_aligned
+    assert kernels.pack_expand(us, ranks).kernel_aligned
+    torch.testing.assert_close(kernels.lowrank_forward(x, v, tight),
+                               kernels.lowrank_forward_reference(x, v, tight).float(), rtol=1e-5, atol=1e-5)

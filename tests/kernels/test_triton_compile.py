@@ -36,9 +36,10 @@ def _compile(dtype: str, arch: int, **constexprs: object) -> dict[str, object]:
             signature[name] = "*i32"
         else:
             signature[name] = f"*{dtype}" if name in _POINTERS else "i32"
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params) if name in _POINTERS or name == "meta_ptr"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(params) if name.endswith("_ptr")}
     source = ASTSource(fn=triton_lowrank._lowrank_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2, "enable_fp_fusion": True}).asm
+    options = {"num_warps": 4, "num_stages": 2, "enable_fp_fusion": True}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import TRITON_MAX_TOKENS, lowrank_forward, lowrank_forward_reference, lowrank_silu_mul
+from kernels import TRITON_MAX_TOKENS, lowrank_expand, lowrank_forward, lowrank_forward_reference, lowrank_silu_mul
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,6 +74,14 @@ def test_dispatch_3d_input(make_layer, check_close, tokens):
     check_close(lowrank_silu_mul(x, gate_up.v_cat, gate_up.packed), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("tokens", [1, TRITON_MAX_TOKENS + 1])
+def test_expand_dispatch(make_layer, check_close, tokens):
+    """The row-parallel TP path: expand of a given h (Triton for decode sizes, then torch)."""
+    layer = make_layer(4096, [(4096, 1024)], dtype=BF16, device="cuda", bias=True)
+    x = torch.randn(tokens, 4096, device="cuda", dtype=BF16)
+    check_close(lowrank_expand(x @ layer.v_cat.T, layer.packed, layer.bias), _reference(layer, x))
+
+
 def test_cuda_graph_replay(make_layer, check_close):
     layer = make_layer(576, [(576, 230), (192, None), (192, 115)], dtype=BF16, device="cuda", bias=True)
     x = torch.randn(8, 576, device="cuda", dtype=BF16)
@@ -100,5 +108,7 @@ def test_small_tails_compiled(triton_lowrank, make_layer, check_close, dtype, mo
     x = torch.randn(3, 40, device="cuda").to(dtype)
     for config in (None, triton_lowrank.KernelConfig(block_m=16, block_n=16, block_r=16, block_k=16)):
         out = torch.full((3, layer.packed.total_out), float("nan"), device="cuda", dtype=dtype)
-        triton_lowrank.lowrank_forward_triton(x, layer.v_cat, layer.packed, layer.bias, mode=mode, config=config, out=out)
+        triton_lowrank.lowrank_forward_triton(
+            x, layer.v_cat, layer.packed, layer.bias, mode=mode, config=config, out=out
+        )
         check_close(out, _reference(layer, x))

@@ -33,6 +33,10 @@ def _poisoned(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((rows, cols), float("nan"), dtype=dtype)
 
 
+def _reference(layer, x):
+    return lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias)
+
+
 def _run(interpreted, layer, x, mode, config):
     out = _poisoned(x.shape[0], layer.packed.total_out, x.dtype)
     y = interpreted.lowrank_forward_triton(x, layer.v_cat, layer.packed, layer.bias, mode=mode, config=config, out=out)
@@ -50,7 +54,7 @@ def test_kernel_matches_reference(interpreted, small, make_layer, check_close, d
     layer = make_layer(in_features, segments, dtype=dtype, bias=bias)
     x = torch.randn(tokens, in_features).to(dtype)
     y = _run(interpreted, layer, x, mode, small)
-    check_close(y, lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+    check_close(y, _reference(layer, x))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -59,14 +63,14 @@ def test_bf16_with_interpreter_upcast(interpreted, small, make_layer, check_clos
     in_features, segments = LAYOUTS[layout]
     layer = make_layer(in_features, segments, dtype=torch.bfloat16, bias=True)
     x = torch.randn(3, in_features).to(torch.bfloat16)
-    check_close(_run(interpreted, layer, x, mode, small), lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+    check_close(_run(interpreted, layer, x, mode, small), _reference(layer, x))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_two_token_blocks(interpreted, small, make_layer, check_close, mode):
     layer = make_layer(40, LAYOUTS["qkv_identity"][1], bias=True)
     x = torch.randn(20, 40)
-    check_close(_run(interpreted, layer, x, mode, small), lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+    check_close(_run(interpreted, layer, x, mode, small), _reference(layer, x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -76,7 +80,7 @@ def test_default_config_and_auto_mode(interpreted, make_layer, check_close, dtyp
     layer = make_layer(in_features, segments, dtype=dtype, bias=True)
     x = torch.randn(tokens, in_features).to(dtype)
     y = interpreted.lowrank_forward_triton(x, layer.v_cat, layer.packed, layer.bias)
-    check_close(y, lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+    check_close(y, _reference(layer, x))
 
 
 def test_aligned_ranks(interpreted, small, make_layer, check_close):
@@ -84,7 +88,7 @@ def test_aligned_ranks(interpreted, small, make_layer, check_close):
     layer = make_layer(40, [(33, 16), (8, 8), (8, None)], bias=True)
     x = torch.randn(3, 40)
     for mode in MODES:
-        check_close(_run(interpreted, layer, x, mode, small), lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
+        check_close(_run(interpreted, layer, x, mode, small), _reference(layer, x))
 
 
 def test_writes_into_strided_out(interpreted, small, make_layer, check_close):
@@ -108,6 +112,24 @@ def test_silu_mul_matches_reference(interpreted, small, make_layer, check_close,
     y = interpreted.lowrank_silu_mul_triton(x, layer.v_cat, layer.packed, layer.bias, mode=mode, config=small, out=out)
     gate, up = lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias).split(33, dim=-1)
     check_close(y, F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("layout", ["single", "qkv_identity"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_expand_from_given_h(interpreted, small, make_layer, check_close, layout, gated):
+    """``launch_expand`` (the row-parallel TP path: h comes all-reduced) against the reference."""
+    in_features, segments = (40, [(33, 17), (33, 3)]) if gated else LAYOUTS[layout]
+    layer = make_layer(in_features, segments, bias=True)
+    x = torch.randn(3, in_features)
+    h = x @ layer.v_cat.T
+    n_out = 33 if gated else layer.packed.total_out
+    out = _poisoned(3, n_out, torch.float32)
+    interpreted.launch_expand(h, layer.packed, layer.bias, gated=gated, config=small, out=out)
+    ref = _reference(layer, x)
+    if gated:
+        gate, up = ref.split(33, dim=-1)
+        ref = F.silu(gate) * up
+    check_close(out, ref)
 
 
 def test_zero_tokens(interpreted, make_layer):
@@ -135,7 +157,7 @@ def test_choose_mode_by_reread_budget(interpreted):
     """Small layers (SmolLM2 q/k/v) fuse; 7B-sized gate/up, whose V would be re-read by hundreds of tiles, do not."""
 
     def layer(ranks_outs):  # shapes only: factors on the meta device
-        return pack_expand([torch.empty(out, rank, device="meta") for out, rank in ranks_outs], [r for _, r in ranks_outs])
+        return pack_expand([torch.empty(o, r, device="meta") for o, r in ranks_outs], [r for _, r in ranks_outs])
 
     smol_qkv = layer([(576, 230), (192, 115), (192, 115)])
     llama_gate_up = layer([(11008, 1492), (11008, 1492)])

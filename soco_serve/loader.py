@@ -1,0 +1,110 @@
+"""``--load-format soco``: build vLLM's own model class with low-rank layers and load the checkpoint.
+
+Serve: read manifest → build layers (vLLM's model class, each linear asking
+:class:`~soco_serve.linear.SocoLinearConfig` for its method) → load tensors (through the model's
+own ``load_weights``, so fused q/k/v and gate/up, tied embeddings and TP sharding work as for any
+checkpoint; shared bases go straight to the one tensor of their group) → vLLM's
+``process_weights_after_loading`` → run.
+
+Everything is checked before vLLM reports the server healthy: the manifest (format version,
+basis ids), every tensor's presence, shape and dtype against it, and that every parameter of the
+model was loaded. Any failure raises with the file and tensor named.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model
+
+from soco_serve.layout import BASIS_PREFIX, WEIGHT_SUFFIX, CheckpointError, CheckpointReader, v_name
+from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
+
+logger = init_logger("vllm.soco_serve.loader")
+
+LOAD_FORMAT = "soco"
+
+
+@register_model_loader(LOAD_FORMAT)
+class SocoModelLoader(BaseModelLoader):
+    """Loads a soco checkpoint folder (``soco_manifest.json`` + ``soco-model-*.safetensors``)."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        if load_config.model_loader_extra_config:
+            raise ValueError(
+                f"--load-format soco takes no --model-loader-extra-config, got "
+                f"{sorted(load_config.model_loader_extra_config)}"
+            )
+        self._config: SocoLinearConfig | None = None
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        CheckpointReader(model_config.model)  # local folders only; validates the manifest and tensors
+
+    def create_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        reader = CheckpointReader(model_config.model)
+        if vllm_config.quant_config is not None:
+            raise ValueError("a soco checkpoint cannot also be served with --quantization")
+        arch = (getattr(model_config.hf_config, "architectures", None) or ["?"])[0]
+        if reader.manifest.architecture != arch:
+            raise CheckpointError(
+                f"{model_config.model}: soco_manifest.json says {reader.manifest.architecture!r}, "
+                f"config.json says {arch!r}"
+            )
+        self._config = SocoLinearConfig(reader.manifest)
+        # The soco config reaches every layer the way a quantization config does, through the
+        # VllmConfig the model class is built with; the engine's own config is left untouched.
+        build_config = copy.copy(vllm_config)
+        object.__setattr__(build_config, "quant_config", self._config)
+        model = initialize_model(vllm_config=build_config, model_config=model_config, prefix=prefix)
+        n_lowrank = sum(isinstance(getattr(m, "quant_method", None), SocoLowRankLinearMethod) for m in model.modules())
+        logger.info("soco: %d low-rank layers, %d shared bases (%s, ratio %.3f)", n_lowrank,
+                    len(reader.manifest.bases), reader.manifest.method, reader.manifest.achieved_ratio or 0.0)
+        return model
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        if self._config is None:
+            raise RuntimeError("SocoModelLoader.load_weights needs a model built by its create_model")
+        reader = CheckpointReader(model_config.model)
+        cfg = self._config
+        lowrank_linears = {
+            s.hf_name
+            for m in model.modules()
+            if isinstance(getattr(m, "quant_method", None), SocoLowRankLinearMethod)
+            for s in m.quant_method.segments
+        }
+        bases_loaded: set[str] = set()
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name in reader.names():
+                t = reader.get(name)
+                if name.startswith(BASIS_PREFIX):
+                    basis_id = name[len(BASIS_PREFIX):]
+                    for layer, j in cfg.basis_targets.get(basis_id, []):
+                        layer.quant_method.load_segment_v(layer, j, t, name)
+                    bases_loaded.add(basis_id)
+                elif name.endswith(WEIGHT_SUFFIX) and name[: -len(WEIGHT_SUFFIX)] in lowrank_linears:
+                    # a dense part of a fused low-rank layer: its rows are shrink rows (identity segment)
+                    yield v_name(name[: -len(WEIGHT_SUFFIX)]), t
+                else:
+                    yield name, t
+
+        loaded = model.load_weights(weights())
+        missing_bases = set(cfg.basis_targets) - bases_loaded
+        if missing_bases:
+            raise CheckpointError(f"{model_config.model}: shared bases never loaded: {sorted(missing_bases)}")
+        shared = {id(p) for p in cfg.shared_v.values()}
+        params = {n for n, p in model.named_parameters() if id(p) not in shared}
+        if loaded is not None:
+            not_loaded = sorted(params - set(loaded))
+            if not_loaded:
+                raise CheckpointError(f"{model_config.model}: the checkpoint has no tensors for {not_loaded[:8]}")

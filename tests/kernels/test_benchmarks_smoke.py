@@ -1,0 +1,35 @@
+"""The benchmark scripts' --quick modes run on CPU and write their result files (no plots: faster)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("script", "extra"),
+    [("kernel_bench", ["--cpu-reps", "2", "--shapes", "qkv"]), ("decode_bench", [])],
+)
+def test_quick_mode_writes_results(script, extra, tmp_path, capsys):
+    _load(script).main(["--quick", "--device", "cpu", "--no-plot", "--out-dir", str(tmp_path), *extra])
+    (result,) = tmp_path.glob(f"{script}_cpu*.json")
+    payload = json.loads(result.read_text())
+    assert payload["environment"]["device"].startswith("CPU") and payload["results"]
+    assert all(row["time_us" if script == "kernel_bench" else "tokens_per_s"] > 0 for row in payload["results"])
+    assert "wrote" in capsys.readouterr().out
