@@ -242,91 +242,117 @@ def write_side_files(model: nn.Module, tokenizer: Any, dest: Path, dtype: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: CompressConfig) -> dict[str, Any]:
-    """Compress, write ``cfg.output`` atomically, and return the report (also in report.json)."""
-    timer = Timer()
-    method = METHODS[cfg.method]
-    if cfg.output.exists() and not cfg.force:
-        raise FileExistsError(f"{cfg.output}: output folder exists; pass --force to replace it")
+@dataclass
+class Prepared:
+    """What every method needs from the dense model: loaded once, reusable across runs."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: Path | str
+    spec: models.ArchSpec
+    refs: list[models.LinearRef]
+    source_sha256: str
+    dense_params: int
+    calib: torch.Tensor | None = None
+    grams: calibrate.GramSet | None = None
+    eval_windows: torch.Tensor | None = None
+    dense_ppl: evaluate.Perplexity | None = None
+
+
+def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None) -> Prepared:
+    """Load the model, measure its perplexity, stream the calibration Gram statistics."""
     with timer.stage("load"):
         model, tok, resolved = models.load_model(cfg.model, None, cfg.device)
         models.check_finite(model)
         spec = models.arch_spec(model)
-        refs = models.find_linears(model, spec)
-        dtype = out_dtype(cfg, model)
-        source_sha = models.weights_sha256(model)
-        dense_total = sum(p.numel() for p in model.parameters())  # tied weights once
-    report: dict[str, Any] = {}
-    eval_win = None
+        prep = Prepared(model, tok, resolved, spec, models.find_linears(model, spec), models.weights_sha256(model),
+                        sum(p.numel() for p in model.parameters()))  # tied weights once
     if cfg.evaluate:
         with timer.stage("evaluate_dense"):
             eval_tokens = data.tokenize_stream(tok, data.load_text(cfg.eval_text, "evaluation"))
-            eval_win = data.eval_windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
-            dense = evaluate.perplexity(model, eval_win, progress=cfg.progress, desc="evaluate dense")
-    grams = None
-    calib = None
-    if method.needs_grams or cfg.refit:
+            prep.eval_windows = data.eval_windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+            prep.dense_ppl = evaluate.perplexity(model, prep.eval_windows, progress=cfg.progress, desc="evaluate dense")
+    if need_grams if need_grams is not None else (METHODS[cfg.method].needs_grams or cfg.refit):
         with timer.stage("calibrate"):
             calib_tokens = data.tokenize_stream(tok, data.load_text(cfg.calib_text, "calibration"))
-            calib = data.calibration_windows(calib_tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
-            grams = calibrate.collect_grams(model, refs, calib, cfg.batch_size, cfg.progress)
+            prep.calib = data.calibration_windows(calib_tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
+            prep.grams = calibrate.collect_grams(model, prep.refs, prep.calib, cfg.batch_size, cfg.progress)
+    return prep
+
+
+def compress_prepared(prep: Prepared, cfg: CompressConfig, timer: Timer) -> tuple[Manifest, Decomposition]:
+    """Allocate ranks, decompose and (for shared bases) refit: the manifest and its tensors.
+
+    The coefficient update installs the compressed layers into ``prep.model``: callers that
+    reuse ``prep`` pass a copy (see benchmarks/quality.py).
+    """
+    method = METHODS[cfg.method]
+    dtype = out_dtype(cfg, prep.model)
     with timer.stage("allocate"):
         plan = allocate.plan_ranks(
-            refs, cfg.ratio, group_size=cfg.group_size,
+            prep.refs, cfg.ratio, group_size=cfg.group_size,
             shared_kinds=cfg.shared_types if method.shares_bases else (),
             force_factorize=cfg.force_factorize, full_rank=cfg.full_rank,
         )
     with timer.stage("decompose"):
-        dec = decompose_stage(refs, plan, grams, method, dtype, cfg.progress)
+        dec = decompose_stage(prep.refs, plan, prep.grams, method, dtype, cfg.progress)
     if cfg.refit:
         with timer.stage("coefficient_update"):
-            assert calib is not None
-            refit_stage(model, spec, refs, dec, calib, cfg.batch_size, dtype, cfg.progress)
-
+            assert prep.calib is not None
+            refit_stage(prep.model, prep.spec, prep.refs, dec, prep.calib, cfg.batch_size, dtype, cfg.progress)
     manifest = Manifest(
-        architecture=models.architecture_of(model),
-        dtype=str(dtype).removeprefix("torch."),
-        linears=dec.linears,
-        bases=dec.bases,
-        method=cfg.method,
-        settings=_settings(cfg),
-        source_model=str(resolved),
-        source_sha256=source_sha,
+        architecture=models.architecture_of(prep.model), dtype=str(dtype).removeprefix("torch."),
+        linears=dec.linears, bases=dec.bases, method=cfg.method, settings=_settings(cfg),
+        source_model=str(prep.source), source_sha256=prep.source_sha256,
         target_ratio=None if cfg.full_rank else cfg.ratio,
     )
     dense_linear, stored_linear = manifest.dense_linear_params(), manifest.stored_linear_params()
-    stored_total = dense_total - dense_linear + stored_linear
     manifest.achieved_ratio = round(1 - stored_linear / dense_linear, 6)
-    manifest.model_ratio = round(1 - stored_total / dense_total, 6)
+    manifest.model_ratio = round(1 - (prep.dense_params - dense_linear + stored_linear) / prep.dense_params, 6)
+    return manifest, dec
 
+
+def summary(manifest: Manifest, prep: Prepared, dec: Decomposition) -> dict[str, Any]:
+    """The report fields that describe the checkpoint itself."""
+    dense_linear, stored_linear = manifest.dense_linear_params(), manifest.stored_linear_params()
+    return {
+        "method": manifest.method,
+        "target_ratio": manifest.target_ratio,
+        "achieved_ratio": manifest.achieved_ratio,
+        "model_ratio": manifest.model_ratio,
+        "linear_params": {"dense": dense_linear, "stored": stored_linear},
+        "model_params": {"dense": prep.dense_params, "stored": prep.dense_params - dense_linear + stored_linear},
+        "ranks": ranks_table(manifest, prep.refs),
+        "whitening_damping": dec.damping,
+        "settings": manifest.settings,
+        "source_model": str(prep.source),
+    }
+
+
+def run(cfg: CompressConfig) -> dict[str, Any]:
+    """Compress, write ``cfg.output`` atomically, and return the report (also in report.json)."""
+    timer = Timer()
+    if cfg.output.exists() and not cfg.force:
+        raise FileExistsError(f"{cfg.output}: output folder exists; pass --force to replace it")
+    prep = prepare(cfg, timer)
+    manifest, dec = compress_prepared(prep, cfg, timer)
+    dtype = getattr(torch, manifest.dtype)
     with CheckpointWriter(cfg.output, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer:
         with timer.stage("write"):
-            for name, t in non_linear_tensors(model, set(dec.linears)).items():
+            for name, t in non_linear_tensors(prep.model, set(dec.linears)).items():
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
             for name, t in dec.tensors.items():
                 writer.add(name, t)
-            write_side_files(model, tok, writer.path, dtype)
+            write_side_files(prep.model, prep.tokenizer, writer.path, dtype)
             writer.finish(manifest)
-        report = {
-            "method": cfg.method,
-            "target_ratio": manifest.target_ratio,
-            "achieved_ratio": manifest.achieved_ratio,
-            "model_ratio": manifest.model_ratio,
-            "linear_params": {"dense": dense_linear, "stored": stored_linear},
-            "model_params": {"dense": dense_total, "stored": stored_total},
-            "ranks": ranks_table(manifest, refs),
-            "whitening_damping": dec.damping,
-            "settings": manifest.settings,
-            "source_model": str(resolved),
-        }
+        report = summary(manifest, prep, dec)
         if cfg.evaluate:
-            assert eval_win is not None
-            del model, grams
+            assert prep.eval_windows is not None and prep.dense_ppl is not None
+            prep.model = prep.grams = None  # type: ignore[assignment]  (free memory before loading)
             with timer.stage("evaluate_compressed"):
-                compressed = load_soco_model(writer.path)
-                comp = evaluate.perplexity(compressed, eval_win, progress=cfg.progress, desc="evaluate compressed")
-                del compressed
-            report.update(ppl_dense=dense.ppl, ppl_compressed=comp.ppl, eval_tokens=comp.tokens,
+                comp = evaluate.perplexity(load_soco_model(writer.path), prep.eval_windows, progress=cfg.progress,
+                                           desc="evaluate compressed")
+            report.update(ppl_dense=prep.dense_ppl.ppl, ppl_compressed=comp.ppl, eval_tokens=comp.tokens,
                           eval_text=cfg.eval_text or "default (gensim Wikipedia sample, evaluation split)")
         report["seconds"] = {**timer.seconds, "total": round(sum(timer.seconds.values()), 2)}
         (writer.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")

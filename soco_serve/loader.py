@@ -108,3 +108,7 @@ class SocoModelLoader(BaseModelLoader):
             not_loaded = sorted(params - set(loaded))
             if not_loaded:
                 raise CheckpointError(f"{model_config.model}: the checkpoint has no tensors for {not_loaded[:8]}")
+        # Parameters are deduplicated by identity: a shared basis counts once, as it is held once.
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        logger.info("soco: weights in memory %d bytes (%.1f MB); checkpoint files %d bytes", weight_bytes,
+                    weight_bytes / 1e6, reader.file_bytes())

@@ -1,0 +1,202 @@
+"""A real `vllm serve --load-format soco` on 127.0.0.1, driven by the openai client.
+
+Checkpoints are made by the real compressor from the real default model (and, for tensor
+parallelism, from a tiny random Llama whose head counts divide by 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.models import default_model_dir
+from soco_serve.layout import INDEX_FILE, MANIFEST_FILE, CheckpointReader
+from soco_serve.server import CPU_FLAGS, VllmServer
+from tests.helpers import make_tiny_llama
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1905, Albert Einstein published",
+    "Ingredients for a simple pancake recipe:",
+    "The three laws of thermodynamics state that",
+    "Translate to French: 'Good morning, how are you?'",
+    "1, 1, 2, 3, 5, 8,",
+    "Once upon a time, in a small village by the sea,",
+]
+
+
+def compress(out: Path, *args: str, model: Path | None = None) -> Path:
+    cmd = [sys.executable, "-m", "compress.cli", *([str(model)] if model else []), "-o", str(out), "--no-eval",
+           "--no-progress", *args]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
+    return out
+
+
+@pytest.fixture(scope="session")
+def full_rank_ckpt(tmp_path_factory) -> Path:
+    return compress(tmp_path_factory.mktemp("serve") / "full-rank", "--method", "svd", "--full-rank",
+                    "--dtype", "float32")
+
+
+@pytest.fixture(scope="session")
+def bs03_ckpt(tmp_path_factory) -> Path:
+    return compress(tmp_path_factory.mktemp("serve") / "bs-0.3", "--method", "basis-sharing", "--ratio", "0.3",
+                    "--calib-windows", "8", "--seq-len", "256")
+
+
+@pytest.fixture(scope="session")
+def tiny_bs_ckpt(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-serve")
+    model = make_tiny_llama(root / "tiny")
+    return compress(root / "tiny-bs", "--method", "basis-sharing", "--ratio", "0.3", "--calib-windows", "4",
+                    "--seq-len", "64", model=model)
+
+
+def client(server: VllmServer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=600)
+
+
+def greedy(server: VllmServer, prompts: list[str], max_tokens: int, logprobs: int | None = None) -> list:
+    c = client(server)
+    model = c.models.list().data[0].id
+
+    def one(p: str):
+        return c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0,
+                                    logprobs=logprobs).choices[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_full_rank_checkpoint_serves_exactly_the_dense_model(full_rank_ckpt, tmp_path):
+    with VllmServer(default_model_dir(), load_format=None, log_path=tmp_path / "dense.log") as dense:
+        ref = greedy(dense, PROMPTS, 64, logprobs=5)
+    with VllmServer(full_rank_ckpt, log_path=tmp_path / "soco.log") as soco:
+        got = greedy(soco, PROMPTS, 64, logprobs=5)
+    for p, a, b in zip(PROMPTS, ref, got):
+        assert b.logprobs.tokens == a.logprobs.tokens, p
+        assert len(a.logprobs.tokens) == 64
+        for la, lb in zip(a.logprobs.token_logprobs, b.logprobs.token_logprobs):
+            assert abs(la - lb) < 1e-3, p
+        for ta, tb in zip(a.logprobs.top_logprobs, b.logprobs.top_logprobs):
+            for tok in set(ta) & set(tb):
+                assert abs(ta[tok] - tb[tok]) < 1e-3, (p, tok)
+
+
+def test_compressed_checkpoint_behind_the_openai_api(bs03_ckpt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from compress.hf_loader import load_soco_model
+
+    log = tmp_path / "bs.log"
+    with VllmServer(bs03_ckpt, log_path=log) as s:
+        c = client(s)
+        models = c.models.list().data
+        assert [m.id for m in models] == [str(bs03_ckpt)]
+        model = models[0].id
+        plain = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=16, temperature=0)
+        assert plain.choices[0].text and plain.usage.completion_tokens == 16
+        chunks = list(c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == plain.choices[0].text
+        chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Name a colour."}],
+                                         max_tokens=16, temperature=0)
+        assert chat.choices[0].message.content
+        many = greedy(s, [PROMPTS[i % len(PROMPTS)] for i in range(16)], 24)  # 16 at once (8 threads x 2)
+        assert all(ch.text for ch in many)
+        served = greedy(s, PROMPTS[:4], 16)
+    # Same checkpoint through the transformers loader: the same greedy tokens.
+    tok = AutoTokenizer.from_pretrained(bs03_ckpt)
+    hf = load_soco_model(bs03_ckpt)
+    for p, ch in zip(PROMPTS[:4], served):
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=16, do_sample=False)
+        assert tok.decode(out[0, ids.shape[1]:]) == ch.text, p
+    # Weight memory: what the file holds (a shared basis once), and less than dense by the ratio.
+    m = re.search(r"soco: weights in memory (\d+) bytes .*checkpoint files (\d+) bytes", log.read_text())
+    assert m, "the loader's memory line is missing from the server log"
+    in_memory, on_disk = int(m.group(1)), int(m.group(2))
+    assert abs(in_memory - on_disk) / on_disk < 0.02
+    report = json.loads((bs03_ckpt / "report.json").read_text())
+    dense_bytes = report["model_params"]["dense"] * 4
+    assert in_memory <= dense_bytes * (1 - report["model_ratio"]) * 1.02
+    assert in_memory < dense_bytes * 0.8
+
+
+def test_tensor_parallel_2_matches_tp_1(tiny_bs_ckpt, tmp_path):
+    prompts = PROMPTS[:3]
+    with VllmServer(tiny_bs_ckpt, log_path=tmp_path / "tp1.log") as s:
+        ref = greedy(s, prompts, 12, logprobs=1)
+    tp_flags = [f for f in CPU_FLAGS if f not in ("--distributed-executor-backend", "uni")]
+    with VllmServer(tiny_bs_ckpt, args=tp_flags, extra_args=["--tensor-parallel-size", "2"],
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+                    log_path=tmp_path / "tp2.log") as s:
+        got = greedy(s, prompts, 12, logprobs=1)
+    for p, a, b in zip(prompts, ref, got):
+        assert b.logprobs.tokens == a.logprobs.tokens, p
+        for la, lb in zip(a.logprobs.token_logprobs, b.logprobs.token_logprobs):
+            assert abs(la - lb) < 1e-3, p
+
+
+def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
+    """A copy of ``ckpt`` broken one way; returns it and the error text the server must print."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ckpt, dst)
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    reader = CheckpointReader(ckpt)
+    lowrank = next(n for n, e in manifest["linears"].items() if e["kind"] == "lowrank")
+    shard = dst / next(iter(json.loads((dst / INDEX_FILE).read_text())["weight_map"].values()))
+    tensors = load_file(shard)
+    if how == "dense-folder":
+        return default_model_dir(), "not a soco checkpoint"
+    if how == "version":
+        manifest["format_version"] = 2
+        (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
+        return dst, "unknown format_version 2"
+    if how == "basis":
+        shared = next(n for n, e in manifest["linears"].items() if e["kind"] == "shared")
+        manifest["linears"][shared]["basis"] = "no-such-basis"
+        (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
+        return dst, "basis 'no-such-basis' does not exist"
+    if how == "rank":
+        manifest["linears"][lowrank]["rank"] += 1
+        (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
+        return dst, f"'{lowrank}.lowrank_u' has shape"
+    name = f"{lowrank}.lowrank_v"
+    if how == "missing":
+        del tensors[name]
+        index = json.loads((dst / INDEX_FILE).read_text())
+        del index["weight_map"][name]
+        (dst / INDEX_FILE).write_text(json.dumps(index))
+        expect = f"'{name}' required by soco_manifest.json is missing"
+    elif how == "shape":
+        tensors[name] = tensors[name][:-1].clone()
+        expect = f"'{name}' has shape"
+    elif how == "dtype":
+        tensors[name] = tensors[name].to(torch.int32)
+        expect = f"'{name}' has dtype torch.int32"
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert reader  # the original stays valid
+    return dst, expect
+
+
+@pytest.mark.parametrize("how", ["dense-folder", "version", "missing", "shape", "dtype", "rank", "basis"])
+def test_bad_checkpoints_fail_before_healthy(tiny_bs_ckpt, tmp_path, how):
+    path, expect = _break(tiny_bs_ckpt, tmp_path / "broken", how)
+    server = VllmServer(path, log_path=tmp_path / "bad.log").launch()
+    assert server.wait_exit() != 0
+    assert expect in server.log(), server.log()[-3000:]
