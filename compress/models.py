@@ -213,8 +213,8 @@ def load_model(source: str | Path | None, dtype: torch.dtype | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype or "auto")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{resolved}: could not load the model ({exc})") from exc
+    except Exception as exc:  # transformers and safetensors raise many types for unreadable folders
+        raise ModelError(f"{resolved}: could not load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device).eval()
     arch_spec(model)  # fail early on unsupported architectures
     return model, tok, resolved

@@ -4,7 +4,8 @@ CPU defaults, and why (measured on a 2-core AVX2 machine, see the platform notes
 
 * ``--dtype float32``: no native bf16 on such CPUs; float32 decodes about 3x faster;
 * ``--enforce-eager``: torch.compile adds 30 s or more to start-up;
-* ``--kv-cache-memory-bytes 256M``: enough for small models and many concurrent requests;
+* ``--kv-cache-memory-bytes 256M --max-model-len 4096``: a fixed, small KV cache (vLLM refuses to
+  start when one request of the full context would not fit: SmolLM2 at 8192 tokens needs 0.35 GiB);
 * ``--distributed-executor-backend uni`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one process;
 * ``VLLM_HOST_IP=127.0.0.1``: otherwise vLLM's internal queue binds a non-loopback address.
 """
@@ -28,7 +29,7 @@ CPU_ENV = {
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
-CPU_FLAGS = ("--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "256M",
+CPU_FLAGS = ("--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "256M", "--max-model-len", "4096",
              "--distributed-executor-backend", "uni")
 
 

@@ -141,6 +141,25 @@ def test_nan_weights(tiny_llama, tmp_path, capsys):
     _fails([str(bad), "-o", str(tmp_path / "o")], capsys, "'model.layers.1.mlp.up_proj.weight' contains NaN or Inf")
 
 
+def test_truncated_model_weights(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "cut"
+    shutil.copytree(tiny_llama, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _fails([str(bad), "-o", str(tmp_path / "o")], capsys, f"{bad}: could not load the model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_gram_statistics_are_refused():
+    from compress.calibrate import CalibrationError, GramSet, GramStat
+
+    grams = GramSet({(3, "mlp_in"): GramStat(torch.full((2, 2), float("nan"), dtype=torch.float64), tokens=5)})
+    with pytest.raises(CalibrationError, match="layer 3 site 'mlp_in': Gram statistics contain NaN or Inf"):
+        grams.check()
+
+
 def test_info_and_eval_commands(tiny_llama, text_file, tmp_path, capsys):
     out = _compress(tiny_llama, tmp_path / "ck", "--method", "svd-llm", text=text_file)
     capsys.readouterr()

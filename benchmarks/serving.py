@@ -1,0 +1,139 @@
+"""Serving throughput, dense against soco checkpoints, side by side in one run on one machine.
+
+    .venv/bin/python benchmarks/serving.py                                  # ratios 0.3, 0.5; concurrency 1, 8
+    .venv/bin/python benchmarks/serving.py --ratios 0.2,0.3,0.4,0.5 --methods svd-llm,basis-sharing \\
+        --concurrency 1,8,32
+
+Each model (the dense default model first, then one soco checkpoint per method and ratio, made
+with ``soco-compress --no-eval`` unless it already exists under ``--ckpt-dir``) is served in turn
+with the same flags (soco_serve.server.CPU_FLAGS) and driven by ``vllm bench serve`` (random
+prompts, fixed seed, ``--ignore-eos`` so every request generates the same number of tokens).
+Records output tokens/s, time to first token and time per output token (medians), the weight
+memory the soco loader reports, and each figure's ratio to dense. Quality does not matter here:
+the compression settings are the defaults of ``soco-compress``.
+
+Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from soco_serve.server import CPU_FLAGS, VllmServer, vllm_executable  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="basis-sharing", help="comma-separated compression methods")
+    p.add_argument("--ratios", default="0.3,0.5", help="comma-separated ratios")
+    p.add_argument("--concurrency", default="1,8", help="comma-separated max concurrency levels")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-dir", type=Path, default=ROOT / "runs" / "serving", help="where checkpoints are made/reused")
+    p.add_argument("--name", default="cpu", help="result file stem: serving_<name>.*")
+    return p.parse_args(argv)
+
+
+def ensure_checkpoint(ckpt_dir: Path, method: str, ratio: str) -> Path:
+    out = ckpt_dir / f"{method}-{ratio}"
+    if not (out / "soco_manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(out), "--force", "--method", method,
+                        "--ratio", ratio, "--no-eval", "--no-progress"], check=True, cwd=ROOT)
+    return out
+
+
+def bench(server: VllmServer, model: str, concurrency: int, a: argparse.Namespace, out: Path) -> dict:
+    cmd = [vllm_executable(), "bench", "serve", "--backend", "openai", "--base-url", server.base_url,
+           "--model", model, "--dataset-name", "random", "--random-input-len", str(a.input_len),
+           "--random-output-len", str(a.output_len), "--num-prompts", str(a.num_prompts),
+           "--max-concurrency", str(concurrency), "--seed", str(a.seed), "--ignore-eos", "--disable-tqdm",
+           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    subprocess.run(cmd, check=True, env={**os.environ, **server.env}, stdout=subprocess.DEVNULL)
+    r = json.loads(out.read_text())
+    return {k: r[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    a.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    from compress.models import default_model_dir
+
+    levels = [int(c) for c in a.concurrency.split(",")]
+    models: list[tuple[str, str | None, Path]] = [("dense", None, default_model_dir())]
+    for method in a.methods.split(","):
+        for ratio in a.ratios.split(","):
+            models.append((f"{method}@{ratio}", "soco", ensure_checkpoint(a.ckpt_dir, method, ratio)))
+    results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "platform": platform.platform()},
+               "flags": list(CPU_FLAGS), "input_len": a.input_len, "output_len": a.output_len,
+               "num_prompts": a.num_prompts, "runs": {}}
+    for label, load_format, path in models:
+        log = a.ckpt_dir / f"serve-{label}.log"
+        t0 = time.perf_counter()
+        with VllmServer(path, load_format=load_format, log_path=log) as server:
+            entry = {"path": str(path), "startup_s": round(time.perf_counter() - t0, 1), "levels": {}}
+            for c in levels:
+                entry["levels"][str(c)] = bench(server, str(path), c, a, a.ckpt_dir / f"bench-{label}-c{c}.json")
+                lv = entry["levels"][str(c)]
+                print(f"{label:>20} c={c:<3} {lv['output_throughput']:8.1f} tok/s  ttft {lv['median_ttft_ms']:8.1f} ms"
+                      f"  tpot {lv['median_tpot_ms']:7.1f} ms", flush=True)
+        m = re.search(r"weights in memory (\d+) bytes", log.read_text())
+        if m:
+            entry["weight_bytes"] = int(m.group(1))
+        if load_format:
+            entry["report"] = {k: json.loads((path / "report.json").read_text())[k]
+                               for k in ("method", "achieved_ratio", "model_ratio")}
+        results["runs"][label] = entry
+    dense = results["runs"]["dense"]["levels"]
+    for label, entry in results["runs"].items():
+        for c, lv in entry["levels"].items():
+            lv["throughput_vs_dense"] = round(lv["output_throughput"] / dense[c]["output_throughput"], 3)
+            lv["tpot_vs_dense"] = round(lv["median_tpot_ms"] / dense[c]["median_tpot_ms"], 3)
+    out = RESULTS / f"serving_{a.name}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / f"serving_{a.name}.png")
+    print(f"wrote {out}")
+    return 0
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results["runs"])
+    levels = list(next(iter(results["runs"].values()))["levels"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        ys = [results["runs"][label]["levels"][c]["output_throughput"] for c in levels]
+        ax.bar([j + i * width for j in range(len(levels))], ys, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"concurrency {c}" for c in levels])
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"vllm serve on {results['machine']['processor']} ({results['machine']['cpus']} CPUs)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
