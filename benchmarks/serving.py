@@ -5,7 +5,7 @@
         --concurrency 1,8,32
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
-with ``soco-compress --no-eval`` unless it already exists under ``--ckpt-dir``) is served in turn
+with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
 with the same flags (soco_serve.server.CPU_FLAGS) and driven by ``vllm bench serve`` (random
 prompts, fixed seed, ``--ignore-eos`` so every request generates the same number of tokens).
 Records output tokens/s, time to first token and time per output token (medians), the weight
@@ -46,14 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-dir", type=Path, default=ROOT / "runs" / "serving", help="where checkpoints are made/reused")
     p.add_argument("--name", default="cpu", help="result file stem: serving_<name>.*")
+    p.add_argument("--omp-bind", default=None,
+                   help="VLLM_CPU_OMP_THREADS_BIND for the servers (e.g. '0' = one thread on core 0, leaving "
+                        "the other core to the load generator); default: vLLM's own choice")
     return p.parse_args(argv)
 
 
 def ensure_checkpoint(ckpt_dir: Path, method: str, ratio: str) -> Path:
+    """A checkpoint to time. Speed depends on the ranks alone, which for svd-llm and basis-sharing
+    follow from the ratio, so a small calibration set is enough here."""
     out = ckpt_dir / f"{method}-{ratio}"
     if not (out / "soco_manifest.json").exists():
         subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(out), "--force", "--method", method,
-                        "--ratio", ratio, "--no-eval", "--no-progress"], check=True, cwd=ROOT)
+                        "--ratio", ratio, "--calib-windows", "8", "--seq-len", "256", "--no-eval", "--no-progress"],
+                       check=True, cwd=ROOT)
     return out
 
 
@@ -81,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             models.append((f"{method}@{ratio}", "soco", ensure_checkpoint(a.ckpt_dir, method, ratio)))
     results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "platform": platform.platform()},
-               "flags": list(CPU_FLAGS), "input_len": a.input_len, "output_len": a.output_len,
+               "flags": list(CPU_FLAGS), "omp_bind": a.omp_bind, "input_len": a.input_len, "output_len": a.output_len,
                "num_prompts": a.num_prompts, "runs": {}}
     for label, load_format, path in models:
         log = a.ckpt_dir / f"serve-{label}.log"
         t0 = time.perf_counter()
-        with VllmServer(path, load_format=load_format, log_path=log) as server:
+        env = {"VLLM_CPU_OMP_THREADS_BIND": a.omp_bind} if a.omp_bind else None
+        with VllmServer(path, load_format=load_format, log_path=log, env=env) as server:
             entry = {"path": str(path), "startup_s": round(time.perf_counter() - t0, 1), "levels": {}}
             for c in levels:
                 entry["levels"][str(c)] = bench(server, str(path), c, a, a.ckpt_dir / f"bench-{label}-c{c}.json")
