@@ -2,11 +2,18 @@
 
     .venv/bin/python benchmarks/quality.py                       # default model and text
     .venv/bin/python benchmarks/quality.py --methods svd-llm --ratios 0.3,0.5
+    .venv/bin/python benchmarks/quality.py --methods svd-llm,basis-sharing,soco,soco-shared,soco-onerun
 
 The dense model is loaded, evaluated and calibrated once; every (method, ratio) cell then
 decomposes from the same Gram statistics and is evaluated in memory (no checkpoint written).
 Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped.
 Writes ``benchmarks/results/quality_<name>.json``, ``.md`` and ``.png``.
+
+Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``soco-shared`` (soco on
+Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
+every ratio pruned from the same scores: what "any size from one run" costs against ``soco``,
+which trains once per ratio). A soco cell takes about 20 minutes on 2 CPU cores with the default
+``--soco-steps``; cells are recomputed when the soco settings differ from the cached ones.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -26,9 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compress import evaluate  # noqa: E402
 from compress.hf_loader import install_factors  # noqa: E402
-from compress.pipeline import METHODS, CompressConfig, Timer, compress_prepared, prepare  # noqa: E402
+from compress.pipeline import (  # noqa: E402
+    METHODS,
+    CompressConfig,
+    Timer,
+    compress_prepared,
+    compress_prepared_ratios,
+    prepare,
+)
+from compress.soco import SocoConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# benchmark name -> (compressor method, group size, one training run for every ratio)
+BENCH_METHODS = {
+    **{m: (m, 2 if m == "basis-sharing" else 1, False) for m in METHODS if m != "soco"},
+    "soco": ("soco", 1, False),
+    "soco-shared": ("soco", 2, False),
+    "soco-onerun": ("soco", 1, True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-text", default=None, help="further evaluation text (.txt/.jsonl)")
     p.add_argument("--name", default="default", help="result file stem: quality_<name>.*")
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
+    d = SocoConfig()
+    p.add_argument("--soco-steps", type=int, default=d.steps, help="soco training steps")
+    p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
+    p.add_argument("--soco-seq-len", type=int, default=d.seq_len, help="soco training window length")
     return p.parse_args(argv)
 
 
@@ -56,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in a.methods.split(",") if m]
     ratios = [float(r) for r in a.ratios.split(",") if r]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; known: {sorted(METHODS)}")
+        if m not in BENCH_METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {sorted(BENCH_METHODS)}")
     results = {} if a.fresh or not out_json.exists() else json.loads(out_json.read_text())
     cells = results.setdefault("cells", {})
+    soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
-                          eval_windows=a.eval_windows, seq_len=a.seq_len, eval_text=a.eval_text, progress=False)
+                          eval_windows=a.eval_windows, seq_len=a.seq_len, eval_text=a.eval_text, progress=False,
+                          soco=soco_cfg)
     timer = Timer()
     print("preparing: load, dense perplexity, calibration statistics ...", flush=True)
     prep = prepare(base, timer, need_grams=True)
@@ -72,28 +101,49 @@ def main(argv: list[str] | None = None) -> int:
         eval_tokens=prep.dense_ppl.tokens, ppl_dense=prep.dense_ppl.ppl, prepare_seconds=timer.seconds,
     )
     dense_model = prep.model
+    soco_settings = asdict(soco_cfg)
+
+    def cached(key: str, method: str) -> bool:
+        c = cells.get(key)
+        return c is not None and (BENCH_METHODS[method][0] != "soco" or c.get("soco_settings") == soco_settings)
+
+    def record(key: str, method: str, ratio: float, manifest, dec, cfg: CompressConfig, seconds: float) -> None:
+        compressed = prep.model if cfg.refit else copy.deepcopy(dense_model)
+        install_factors(compressed, manifest, dec.tensors.__getitem__, next(dense_model.parameters()).dtype)
+        ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
+        del compressed
+        cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
+                      "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
+                      "seconds": round(seconds, 1)}
+        if dec.log:
+            cells[key].update(soco_settings=soco_settings, soco_final=dec.log["final"],
+                              soco_trained_for=dec.log["trained_for"], soco_seconds=dec.log["seconds"],
+                              soco_stages={k: {f: v.get(f) for f in ("end_step", "kl_end", "ratio_end", "seconds")}
+                                           for k, v in dec.log["stages"].items()})
+        print(f"{key:>22}: ppl {ppl.ppl:.3f} (achieved {manifest.achieved_ratio:.4f}, "
+              f"{cells[key]['seconds']} s)", flush=True)
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+
     for method in methods:
-        for ratio in ratios:
-            key = cell_key(method, ratio)
-            if key in cells:
-                print(f"{key:>22}: cached ppl {cells[key]['ppl']:.3f}")
-                continue
-            cfg = replace(base, method=method, ratio=ratio, group_size=2)
+        name, group_size, one_run = BENCH_METHODS[method]
+        todo = [r for r in ratios if not cached(cell_key(method, r), method)]
+        for r in ratios:
+            if r not in todo:
+                print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
+        if one_run and todo:  # one training run, every ratio (cached ones too: same scores for all)
+            cfg = replace(base, method=name, ratio=min(ratios), ratios=tuple(ratios), group_size=group_size)
             t0 = time.perf_counter()
-            cell_timer = Timer()
+            outs = compress_prepared_ratios(prep, cfg, Timer())
+            for r, (manifest, dec) in zip(ratios, outs):
+                record(cell_key(method, r), method, r, manifest, dec, cfg, time.perf_counter() - t0)
+            continue
+        for ratio in todo:
+            cfg = replace(base, method=name, ratio=ratio, group_size=group_size)
+            t0 = time.perf_counter()
             prep.model = copy.deepcopy(dense_model) if cfg.refit else dense_model
-            manifest, dec = compress_prepared(prep, cfg, cell_timer)
-            compressed = prep.model if cfg.refit else copy.deepcopy(dense_model)
-            install_factors(compressed, manifest, dec.tensors.__getitem__, next(dense_model.parameters()).dtype)
-            ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
-            del compressed
+            manifest, dec = compress_prepared(prep, cfg, Timer())
+            record(cell_key(method, ratio), method, ratio, manifest, dec, cfg, time.perf_counter() - t0)
             prep.model = dense_model
-            cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
-                          "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
-                          "seconds": round(time.perf_counter() - t0, 1)}
-            print(f"{key:>22}: ppl {ppl.ppl:.3f} (achieved {manifest.achieved_ratio:.4f}, "
-                  f"{cells[key]['seconds']} s)", flush=True)
-            out_json.write_text(json.dumps(results, indent=2) + "\n")
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, methods, ratios, RESULTS / f"quality_{a.name}.md")
     plot(results, methods, ratios, RESULTS / f"quality_{a.name}.png")

@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import allocate, calibrate, data, decompose, models
+from . import allocate, calibrate, data, decompose, models, soco
 from .pipeline import DEFAULT_SHARED_KINDS, METHODS, CompressConfig
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
-    decompose.DecompositionError, FileExistsError, FileNotFoundError, ValueError,
+    decompose.DecompositionError, soco.SocoError, FileExistsError, FileNotFoundError, ValueError,
 )
 
 
@@ -30,6 +30,16 @@ def _size(text: str) -> int:
     return int(t)
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        out = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio or comma-separated ratios, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no ratio given")
+    return out
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-text", default=None, metavar="SRC",
@@ -38,6 +48,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-windows", type=int, default=32, metavar="N",
                    help="evaluate on the first N non-overlapping windows (0 = all; default 32)")
     g.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+
+
+SOCO_DEFAULTS = soco.SocoConfig()
 
 
 def compress_parser() -> argparse.ArgumentParser:
@@ -56,10 +69,12 @@ def compress_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=sorted(METHODS), default="basis-sharing",
                    help="; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
-    m.add_argument("--ratio", type=float, default=0.3,
-                   help="fraction of the decoder linear layers' parameters to remove, in (0, 1)")
-    m.add_argument("--group-size", type=int, default=2,
-                   help="basis-sharing: adjacent layers per shared basis")
+    m.add_argument("--ratio", type=_ratios, default=[0.3],
+                   help="fraction of the decoder linear layers' parameters to remove, in (0, 1); soco also takes "
+                        "several (0.3,0.4,0.5): one training run, OUTPUT/ratio-<r> per ratio")
+    m.add_argument("--group-size", type=int, default=None,
+                   help="adjacent layers per shared basis (basis-sharing: default 2; soco: default 1 = private "
+                        "factors, N > 1 = soco on shared bases)")
     m.add_argument("--shared-types", default=",".join(DEFAULT_SHARED_KINDS),
                    help="basis-sharing: matrix types that share a basis (others stay private)")
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",
@@ -72,6 +87,28 @@ def compress_parser() -> argparse.ArgumentParser:
                         "for testing loaders")
     m.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the written tensors (auto: the model's)")
+    d = SOCO_DEFAULTS
+    s = p.add_argument_group("soco (learned component scores; defaults sized for a 2-core CPU, see compress/soco.py)")
+    s.add_argument("--soco-steps", type=int, default=d.steps, help="training steps (one window batch each)")
+    s.add_argument("--soco-lr", type=float, default=d.lr, help="Adam learning rate of the scores (stage 1; "
+                                                             "stages 2-3 use --soco-fine-lr times it)")
+    s.add_argument("--soco-fine-lr", type=float, default=d.fine_lr, help="learning-rate factor of stages 2 and 3")
+    s.add_argument("--soco-seq-len", type=int, default=d.seq_len,
+                   help="training window length: the calibration windows are cut to it")
+    s.add_argument("--soco-batch-size", type=int, default=d.batch_size, help="training windows per step")
+    s.add_argument("--soco-topk", type=int, default=d.topk, help="teacher log-probabilities kept per token")
+    s.add_argument("--soco-stage1", type=float, default=d.stage1,
+                   help="share of the steps over which stage 1 ramps the budget to the target")
+    s.add_argument("--soco-stage3", type=float, default=d.stage3, help="share of the steps of stage 3 (the last)")
+    s.add_argument("--soco-margin", type=float, default=d.margin,
+                   help="stages 1-2 keep this fraction of the dense linear parameters above the budget; "
+                        "stage 3 trims it")
+    s.add_argument("--soco-sparsity", type=float, default=d.sparsity, help="weight of the stage-3 sparsity term")
+    s.add_argument("--soco-init", choices=("full", "breakeven"), default=d.init,
+                   help="components trained: all, or each matrix's break-even rank (cheaper steps)")
+    s.add_argument("--soco-prior", type=float, default=d.prior,
+                   help="rank and push components by score x (sigma / rms sigma of the matrix)^PRIOR; 0 = scores alone")
+    s.add_argument("--soco-seed", type=int, default=d.seed, help="seed of the training window order")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-text", default=None, metavar="SRC",
                    help="calibration text (.txt, .jsonl, or 'wikitext2'); default: the calibration split "
@@ -111,8 +148,14 @@ def cmd_compress(argv: list[str]) -> int:
     from .report import summary_lines
 
     a = compress_parser().parse_args(argv)
+    group_size = a.group_size if a.group_size is not None else (2 if a.method == "basis-sharing" else 1)
+    sc = soco.SocoConfig(steps=a.soco_steps, lr=a.soco_lr, fine_lr=a.soco_fine_lr, seq_len=a.soco_seq_len,
+                         batch_size=a.soco_batch_size, topk=a.soco_topk, stage1=a.soco_stage1, stage3=a.soco_stage3,
+                         margin=a.soco_margin, sparsity=a.soco_sparsity, init=a.soco_init, prior=a.soco_prior,
+                         seed=a.soco_seed)
     cfg = CompressConfig(
-        output=a.output, model=a.model, method=a.method, ratio=a.ratio, group_size=a.group_size,
+        output=a.output, model=a.model, method=a.method, ratio=a.ratio[0],
+        ratios=tuple(a.ratio) if len(a.ratio) > 1 else (), group_size=group_size, soco=sc,
         shared_types=tuple(s for s in a.shared_types.split(",") if s), coefficient_update=a.coefficient_update,
         force_factorize=a.force_factorize, full_rank=a.full_rank, dtype=a.dtype, calib_text=a.calib_text,
         calib_windows=a.calib_windows, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed,
@@ -120,8 +163,9 @@ def cmd_compress(argv: list[str]) -> int:
         max_shard_bytes=a.max_shard_size, device=a.device, progress=not a.no_progress,
     )
     report = run(cfg)
-    print("\n".join(summary_lines(report)))
-    print(f"wrote {cfg.output} (report.json, ranks.png inside)")
+    for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():
+        print("\n".join(summary_lines(rep)))
+        print(f"wrote {path} (report.json, ranks.png inside)")
     return 0
 
 

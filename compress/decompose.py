@@ -61,6 +61,23 @@ def whitening(gram: torch.Tensor, name: str = "Gram matrix") -> Whitening:
     raise DecompositionError(f"{name} is not positive definite even with damping {DAMPING_MAX}")
 
 
+class Whitenings:
+    """Whitening factors computed once per key (a site, or a group's sites), with the ridge used
+    recorded in :attr:`damping` where one was needed."""
+
+    def __init__(self) -> None:
+        self._cache: dict[object, Whitening] = {}
+        self.damping: dict[str, float] = {}
+
+    def get(self, key: object, gram: torch.Tensor) -> Whitening:
+        if key not in self._cache:
+            wh = whitening(gram, name=f"Gram matrix of {key}")
+            self._cache[key] = wh
+            if wh.damping:
+                self.damping[str(key)] = wh.damping
+        return self._cache[key]
+
+
 def _split_sigma(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = sigma[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
@@ -98,18 +115,24 @@ def whitened_spectrum(w: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, tor
     return u, sigma, unwhiten(vh, wh.s)
 
 
+def shared_spectrum(ws: list[torch.Tensor], wh: Whitening) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """All components of a group's stacked weights ``[W_1; …; W_n] = Σ_i σ_i [u_i¹; …; u_iⁿ] (v_iᵀ S⁻¹)``:
+    returns ``([U_1, …, U_n], σ, Vᵀ S⁻¹)``, each ``U_j`` the rows of layer ``j`` (``[out_j, R]``)."""
+    stacked = torch.cat([w.to(F64) for w in ws], dim=0)
+    u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
+    coeffs = [c.contiguous() for c in torch.split(u, [w.shape[0] for w in ws], dim=0)]
+    return coeffs, sigma, unwhiten(vh, wh.s)
+
+
 def shared_basis(ws: list[torch.Tensor], wh: Whitening, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Basis Sharing: one basis ``V [r, in]`` for a group, one coefficient matrix ``U_i`` per layer.
 
     ``wh`` whitens with the sum of the group's Gram matrices. ``σ`` goes into the basis (as in the
     paper), so the coefficients are blocks of an orthonormal ``U``.
     """
-    stacked = torch.cat([w.to(F64) for w in ws], dim=0)
-    _check_rank(stacked, rank)
-    u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
-    basis = unwhiten(sigma[:rank, None] * vh[:rank], wh.s)
-    coeffs = list(torch.split(u[:, :rank], [w.shape[0] for w in ws], dim=0))
-    return basis, [c.contiguous() for c in coeffs]
+    _check_rank(torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device="meta"), rank)
+    coeffs, sigma, v = shared_spectrum(ws, wh)
+    return sigma[:rank, None] * v[:rank], [c[:, :rank].contiguous() for c in coeffs]
 
 
 REFIT_RIDGE = 1e-6  # relative ridge on G for the coefficient update

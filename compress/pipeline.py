@@ -30,7 +30,7 @@ from soco_serve.layout import (
     weight_name,
 )
 
-from . import allocate, calibrate, data, decompose, evaluate, models
+from . import allocate, calibrate, data, decompose, evaluate, models, soco
 from .hf_loader import install_factors, load_soco_model
 
 
@@ -48,6 +48,8 @@ METHODS: dict[str, Method] = {
         Method("svd", False, False, "plain truncated SVD of each weight (weakest baseline)"),
         Method("svd-llm", True, False, "whitened SVD: truncation aware of the calibration activations"),
         Method("basis-sharing", True, True, "whitened SVD with one basis shared by adjacent layers"),
+        Method("soco", True, True, "SoCo: learned scores on every whitened SVD component, pruned to the budget "
+                                   "(on shared bases with --group-size > 1)"),
     )
 }
 
@@ -61,6 +63,7 @@ class CompressConfig:
     model: str | None = None
     method: str = "basis-sharing"
     ratio: float = 0.3
+    ratios: tuple[float, ...] = ()  # soco only: several checkpoints from one training run (ratio = the smallest)
     group_size: int = 2
     shared_types: tuple[str, ...] = DEFAULT_SHARED_KINDS
     coefficient_update: str = "auto"  # auto | on | off
@@ -79,6 +82,7 @@ class CompressConfig:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     device: str = "cpu"
     progress: bool = True
+    soco: soco.SocoConfig = field(default_factory=soco.SocoConfig)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -86,14 +90,28 @@ class CompressConfig:
             raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
         if self.coefficient_update not in ("auto", "on", "off"):
             raise ValueError(f"--coefficient-update must be auto, on or off, got {self.coefficient_update!r}")
+        if self.ratios:
+            self.ratios = tuple(float(r) for r in self.ratios)
+            if len(self.ratios) > 1 and self.method != "soco":
+                raise ValueError(f"several ratios {list(self.ratios)} from one run need --method soco; "
+                                 f"run {self.method} once per ratio")
+            for r in self.ratios:
+                allocate.check_ratio(r)
+            self.ratio = min(self.ratios)
+        if self.method == "soco" and self.full_rank:
+            raise ValueError("--full-rank does not apply to --method soco (use --method svd-llm --full-rank)")
         if not self.full_rank:
             allocate.check_ratio(self.ratio)
         if not METHODS[self.method].shares_bases:
             self.group_size = 1
 
     @property
+    def ratio_list(self) -> list[float]:
+        return list(self.ratios) if self.ratios else [self.ratio]
+
+    @property
     def refit(self) -> bool:
-        if not METHODS[self.method].shares_bases or self.coefficient_update == "off":
+        if self.method == "soco" or not METHODS[self.method].shares_bases or self.coefficient_update == "off":
             return False
         return self.coefficient_update == "on" or (not self.full_rank and self.ratio >= COEFFICIENT_UPDATE_FROM)
 
@@ -106,6 +124,7 @@ class Decomposition:
     bases: dict[str, BasisEntry] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     damping: dict[str, float] = field(default_factory=dict)  # site -> ridge used, where one was needed
+    log: dict[str, Any] = field(default_factory=dict)  # method-specific report (soco: training log)
 
 
 class Timer:
@@ -133,17 +152,9 @@ def out_dtype(cfg: CompressConfig, model: nn.Module) -> torch.dtype:
 def decompose_stage(refs: list[models.LinearRef], plan: allocate.Plan, grams: calibrate.GramSet | None,
                     method: Method, dtype: torch.dtype, progress: bool = True) -> Decomposition:
     """Factor every linear as the plan says (SVD, whitened SVD, or a shared basis per group)."""
-    out = Decomposition()
-    whitenings: dict[Any, decompose.Whitening] = {}
-
-    def whiten(key: Any, gram: torch.Tensor) -> decompose.Whitening:
-        if key not in whitenings:
-            wh = decompose.whitening(gram, name=f"Gram matrix of {key}")
-            whitenings[key] = wh
-            if wh.damping:
-                out.damping[str(key)] = wh.damping
-        return whitenings[key]
-
+    whitenings = decompose.Whitenings()
+    out = Decomposition(damping=whitenings.damping)
+    whiten = whitenings.get
     by_name = {r.name: r for r in refs}
     for r in refs:
         if r.module.bias is not None:
@@ -286,6 +297,8 @@ def compress_prepared(prep: Prepared, cfg: CompressConfig, timer: Timer) -> tupl
     The coefficient update installs the compressed layers into ``prep.model``: callers that
     reuse ``prep`` pass a copy (see benchmarks/quality.py).
     """
+    if cfg.method == "soco":
+        return compress_prepared_ratios(prep, cfg, timer)[0]
     method = METHODS[cfg.method]
     dtype = out_dtype(cfg, prep.model)
     with timer.stage("allocate"):
@@ -300,21 +313,39 @@ def compress_prepared(prep: Prepared, cfg: CompressConfig, timer: Timer) -> tupl
         with timer.stage("coefficient_update"):
             assert prep.calib is not None
             refit_stage(prep.model, prep.spec, prep.refs, dec, prep.calib, cfg.batch_size, dtype, cfg.progress)
+    return make_manifest(prep, cfg, dec, dtype, None if cfg.full_rank else cfg.ratio), dec
+
+
+def compress_prepared_ratios(prep: Prepared, cfg: CompressConfig, timer: Timer) -> list[tuple[Manifest, Decomposition]]:
+    """SoCo: one training run, one (manifest, tensors) per ratio of ``cfg.ratio_list``, pruned from
+    the same learned scores. ``prep.model`` is left as it was."""
+    if cfg.method != "soco":
+        raise ValueError(f"several ratios from one run need --method soco, got {cfg.method!r}")
+    dtype = out_dtype(cfg, prep.model)
+    with timer.stage("soco"):
+        outs = soco.compress(prep.model, prep.refs, prep.grams, prep.calib, cfg.ratio_list, cfg.soco,
+                             group_size=cfg.group_size, shared_kinds=cfg.shared_types if cfg.group_size > 1 else (),
+                             force_factorize=cfg.force_factorize, dtype=dtype, progress=cfg.progress)
+    return [(make_manifest(prep, cfg, dec, dtype, r), dec) for r, dec in outs]
+
+
+def make_manifest(prep: Prepared, cfg: CompressConfig, dec: Decomposition, dtype: torch.dtype,
+                  target_ratio: float | None) -> Manifest:
     manifest = Manifest(
         architecture=models.architecture_of(prep.model), dtype=str(dtype).removeprefix("torch."),
         linears=dec.linears, bases=dec.bases, method=cfg.method, settings=_settings(cfg),
-        source_model=str(prep.source), source_sha256=prep.source_sha256,
-        target_ratio=None if cfg.full_rank else cfg.ratio,
+        source_model=str(prep.source), source_sha256=prep.source_sha256, target_ratio=target_ratio,
     )
     dense_linear, stored_linear = manifest.dense_linear_params(), manifest.stored_linear_params()
     manifest.achieved_ratio = round(1 - stored_linear / dense_linear, 6)
     manifest.model_ratio = round(1 - (prep.dense_params - dense_linear + stored_linear) / prep.dense_params, 6)
-    return manifest, dec
+    return manifest
 
 
 def summary(manifest: Manifest, prep: Prepared, dec: Decomposition) -> dict[str, Any]:
     """The report fields that describe the checkpoint itself."""
     dense_linear, stored_linear = manifest.dense_linear_params(), manifest.stored_linear_params()
+    extra = {"soco": dec.log} if dec.log else {}
     return {
         "method": manifest.method,
         "target_ratio": manifest.target_ratio,
@@ -326,18 +357,41 @@ def summary(manifest: Manifest, prep: Prepared, dec: Decomposition) -> dict[str,
         "whitening_damping": dec.damping,
         "settings": manifest.settings,
         "source_model": str(prep.source),
+        **extra,
     }
 
 
 def run(cfg: CompressConfig) -> dict[str, Any]:
-    """Compress, write ``cfg.output`` atomically, and return the report (also in report.json)."""
+    """Compress, write ``cfg.output`` atomically, and return the report (also in report.json).
+
+    Several ratios (soco only) write ``cfg.output/ratio-<r>`` for each, from one training run,
+    and return ``{"checkpoints": {path: report}}``.
+    """
     timer = Timer()
     if cfg.output.exists() and not cfg.force:
         raise FileExistsError(f"{cfg.output}: output folder exists; pass --force to replace it")
     prep = prepare(cfg, timer)
-    manifest, dec = compress_prepared(prep, cfg, timer)
+    if len(cfg.ratio_list) == 1:
+        manifest, dec = compress_prepared(prep, cfg, timer)
+        return write_checkpoint(prep, cfg, manifest, dec, cfg.output, timer, last=True)
+    results = compress_prepared_ratios(prep, cfg, timer)
+    reports = {}
+    for i, (manifest, dec) in enumerate(results):
+        out = ratio_dir(cfg.output, manifest.target_ratio)  # type: ignore[arg-type]
+        reports[str(out)] = write_checkpoint(prep, cfg, manifest, dec, out, timer, last=i == len(results) - 1)
+    return {"checkpoints": reports}
+
+
+def ratio_dir(output: Path, ratio: float) -> Path:
+    """Where a multi-ratio run writes the checkpoint of ``ratio``."""
+    return output / f"ratio-{ratio:g}"
+
+
+def write_checkpoint(prep: Prepared, cfg: CompressConfig, manifest: Manifest, dec: Decomposition, out: Path,
+                     timer: Timer, last: bool = True) -> dict[str, Any]:
+    """Write one checkpoint atomically (and evaluate it); ``last`` frees the dense model first."""
     dtype = getattr(torch, manifest.dtype)
-    with CheckpointWriter(cfg.output, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer:
+    with CheckpointWriter(out, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer:
         with timer.stage("write"):
             for name, t in non_linear_tensors(prep.model, set(dec.linears)).items():
                 writer.add(name, t.to(dtype) if t.is_floating_point() else t)
@@ -348,7 +402,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         report = summary(manifest, prep, dec)
         if cfg.evaluate:
             assert prep.eval_windows is not None and prep.dense_ppl is not None
-            prep.model = prep.grams = None  # type: ignore[assignment]  (free memory before loading)
+            if last:
+                prep.model = prep.grams = None  # type: ignore[assignment]  (free memory before loading)
             with timer.stage("evaluate_compressed"):
                 comp = evaluate.perplexity(load_soco_model(writer.path), prep.eval_windows, progress=cfg.progress,
                                            desc="evaluate compressed")
@@ -368,9 +423,13 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
 
 def _settings(cfg: CompressConfig) -> dict[str, Any]:
     d = asdict(cfg)
-    for k in ("output", "force", "progress", "evaluate", "eval_text", "eval_windows", "max_shard_bytes", "device", "model"):
+    for k in ("output", "force", "progress", "evaluate", "eval_text", "eval_windows", "max_shard_bytes", "device", "model",
+              "ratios"):
         d.pop(k)
-    d["shared_types"] = list(cfg.shared_types) if METHODS[cfg.method].shares_bases else []
+    if cfg.method != "soco":
+        d.pop("soco")
+    shares = METHODS[cfg.method].shares_bases and (cfg.method != "soco" or cfg.group_size > 1)
+    d["shared_types"] = list(cfg.shared_types) if shares else []
     d["coefficient_update"] = cfg.refit
     return d
 

@@ -1,0 +1,235 @@
+"""SoCo on tiny random Llamas: exactness of the scored model, exact budget, folding, a short
+training run end to end (one run, several ratios; shared bases), and bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from compress import soco
+from compress.cli import main
+from compress.hf_loader import install_factors, load_soco_model
+from compress.pipeline import CompressConfig, Timer, make_manifest, prepare
+from soco_serve.layout import CheckpointReader
+
+COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def prep64(tiny_llama_f64, text_file):
+    cfg = CompressConfig(output="/nonexistent", model=str(tiny_llama_f64), method="soco", calib_text=str(text_file),
+                         calib_windows=4, seq_len=64, evaluate=False, progress=False)
+    return prepare(cfg, Timer())
+
+
+def _ids(n=2, t=24):
+    return torch.randint(0, 1000, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _blocks(prep, group_size=1):
+    return soco.build_blocks(prep.refs, prep.grams, group_size=group_size,
+                             shared_kinds=("q", "k", "v", "gate", "up") if group_size > 1 else (), progress=False)[0]
+
+
+def _randomize(blocks, seed=0, zero=0.6):
+    """Random scores in [0, 2] with a share of exact zeros; the first block keeps all ones (so it
+    stays above break-even: the dense path)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            if i == 0:
+                continue
+            s = torch.rand(b.scores.shape, generator=g, dtype=b.scores.dtype) * 2
+            s[torch.rand(b.scores.shape, generator=g) < zero] = 0.0
+            s[:, 0] = 1.0  # every block keeps at least one component
+            b.scores.copy_(s)
+
+
+def test_full_budget_without_regularisation_is_the_dense_model(prep64):
+    dense = _logits(prep64.model, _ids())
+    for group_size in (2, 1):
+        blocks = _blocks(prep64, group_size)
+        with soco.installed(prep64.model, blocks) as scored:
+            torch.testing.assert_close(_logits(scored, _ids()), dense, rtol=0, atol=1e-9)
+    # Training at full budget with every penalty off stays at the dense model, up to Adam's own
+    # step size (its steps stay about lr long even where the gradient vanishes).
+    windows = soco.training_windows(prep64.calib, 16)[:2]
+    teacher = soco.teacher_topk(prep64.model, windows, 32, progress=False)
+    cfg = soco.SocoConfig(steps=3, kappa0=0.0, sparsity=0.0, stage3=0.0, seq_len=16, lr=0.01)
+    log = soco.train(prep64.model, blocks, windows, teacher, 0.3, cfg, progress=False)
+    assert log["stopped"] is None and log["final"]["kl"] < 1e-4 and log["final"]["zero"] == 0
+    assert all(float((b.scores.detach() - 1).abs().max()) <= 3 * cfg.lr for b in blocks)
+    assert isinstance(prep64.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # swapped back
+    assert all(p.requires_grad for p in prep64.model.parameters())
+
+
+@pytest.mark.parametrize("group_size,force", [(1, False), (2, False), (1, True)])
+def test_budget_counts_exactly_what_the_writer_stores(prep64, group_size, force):
+    blocks = _blocks(prep64, group_size)
+    _randomize(blocks, seed=group_size)
+    # the soft count is the exact count when every score is 0 or >= 1
+    with torch.no_grad():
+        binary = [b.scores.detach().clone() for b in blocks]
+        for b in blocks:
+            b.scores.copy_((b.scores > 0).to(b.scores.dtype))
+        exact = soco.stored_params(blocks, soco.nonzero_counts(blocks), force)
+        assert float(soco.soft_stored(blocks, 0.1, force)[0]) == pytest.approx(exact, abs=1e-6)
+        for b, s in zip(blocks, binary):
+            b.scores.copy_(s)
+    dtype = torch.float64
+    for ratio in (0.3, 0.5):
+        pr = soco.threshold_mask(blocks, ratio, force)
+        assert ratio <= pr.ratio <= ratio + soco.WITHIN
+        dec = soco.fold(blocks, pr.keep, dtype, force)
+        manifest = make_manifest(prep64, CompressConfig(output="/x", method="soco", ratio=ratio), dec, dtype, ratio)
+        manifest.validate()
+        stored = sum(t.numel() for n, t in dec.tensors.items() if not n.endswith(".bias"))
+        assert pr.stored == manifest.stored_linear_params() == stored
+        assert manifest.achieved_ratio == pytest.approx(pr.ratio, abs=1e-6)
+        kinds = {e.kind for e in manifest.linears.values()}
+        assert ("dense" in kinds) != force and ("shared" in kinds) == (group_size > 1)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_folding_the_scores_changes_no_output(prep64, group_size):
+    blocks = _blocks(prep64, group_size)
+    _randomize(blocks, seed=3, zero=0.5)
+    ids = _ids()
+    with soco.installed(prep64.model, blocks) as scored:
+        want = _logits(scored, ids)
+    keep = [b.key().detach() > 0 for b in blocks]
+    dec = soco.fold(blocks, keep, torch.float64)
+    manifest = make_manifest(prep64, CompressConfig(output="/x", method="soco"), dec, torch.float64, None)
+    folded = copy.deepcopy(prep64.model)
+    install_factors(folded, manifest, dec.tensors.__getitem__, torch.float64)
+    torch.testing.assert_close(_logits(folded, ids), want, rtol=0, atol=1e-9)
+    if group_size > 1:  # a layer that does not use a kept shared component stores a zero column
+        assert any(bool((dec.tensors[f"{n}.lowrank_u"].abs().sum(0) == 0).any())
+                   for n, e in manifest.linears.items() if e.kind == "shared")
+
+
+def _kl(dense, comp, windows):
+    with torch.no_grad():
+        p = torch.log_softmax(dense(input_ids=windows).logits.double(), -1)
+        q = torch.log_softmax(comp(input_ids=windows).logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_training_lowers_distillation_loss_and_meets_every_ratio(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "multi"
+    argv = [str(tiny_llama), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--no-eval",
+            "--method", "soco", "--ratio", "0.4,0.5", "--soco-steps", "30", "--soco-seq-len", "32"]
+    assert main(argv) == 0
+    trained = {}
+    for r in (0.4, 0.5):
+        ck = out / f"ratio-{r:g}"
+        reader = CheckpointReader(ck)
+        m = reader.manifest
+        assert m.method == "soco" and m.target_ratio == r
+        assert r <= m.achieved_ratio <= r + 0.005
+        stored = sum(t.numel() for n, t in reader.items() if n.rpartition(".")[0] in m.linears
+                     and not n.endswith(".bias")) + sum(reader.get(f"soco_bases.{b}").numel() for b in m.bases)
+        assert stored == m.stored_linear_params()
+        report = json.loads((ck / "report.json").read_text())
+        log = report["soco"]
+        assert log["steps_done"] == 30 and log["stopped"] is None and log["trained_for"] == 0.4
+        assert set(log["stages"]) == {"1", "2", "3"}
+        assert m.settings["soco"]["steps"] == 30
+        trained[r] = load_soco_model(ck)
+    # Against the same components without training (svd-llm at the same ratio), the learned
+    # scores give a lower distillation loss on the calibration text.
+    base = tmp_path / "svd-llm"
+    assert main([str(tiny_llama), "-o", str(base), *COMMON, "--calib-text", str(text_file), "--no-eval",
+                 "--method", "svd-llm", "--ratio", "0.4"]) == 0
+    from compress.data import calibration_windows, load_text, tokenize_stream
+    from compress.models import load_model
+
+    dense, tok, _ = load_model(str(tiny_llama))
+    windows = calibration_windows(tokenize_stream(tok, load_text(str(text_file), "calibration")), 64, 4, seed=0)
+    assert _kl(dense, trained[0.4], windows) < _kl(dense, load_soco_model(base), windows)
+
+
+def test_soco_on_shared_bases_writes_a_servable_checkpoint(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "shared"
+    assert main([str(tiny_llama), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--no-eval",
+                 "--method", "soco", "--group-size", "2", "--ratio", "0.4", "--soco-steps", "8",
+                 "--soco-seq-len", "32"]) == 0
+    reader = CheckpointReader(out)
+    m = reader.manifest
+    assert m.bases and all(len(b.layers) == 2 for b in m.bases.values())
+    assert 0.4 <= m.achieved_ratio <= 0.405
+    report = json.loads((out / "report.json").read_text())
+    assert report["soco"]["group_size"] == 2 and m.settings["group_size"] == 2 and m.settings["shared_types"]
+    model = load_soco_model(out)
+    assert model.model.layers[0].self_attn.q_proj.v is model.model.layers[1].self_attn.q_proj.v
+
+
+def _fails(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_input(tiny_llama, text_file, tmp_path, capsys):
+    base = [str(tiny_llama), "-o", str(tmp_path / "o"), *COMMON, "--calib-text", str(text_file), "--no-eval",
+            "--method", "soco", "--soco-steps", "2"]
+    # tiny model: one component per matrix still stores 0.69% of the linear parameters
+    _fails([*base, "--ratio", "0.995"], capsys, "target ratio 0.995 cannot be reached", "ratio 0.9931 at most")
+    _fails([*base, "--calib-windows", "0"], capsys, "calibration needs at least one window")
+    _fails([*base, "--ratio", "0.3,1.5"], capsys, "--ratio must be in (0, 1)")
+    _fails([str(tiny_llama), "-o", str(tmp_path / "o"), "--method", "svd-llm", "--ratio", "0.3,0.4"], capsys,
+           "need --method soco")
+    _fails([*base, "--soco-steps", "-1"], capsys, "--soco-steps must be")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(soco.SocoError, match="calibration set is empty"):
+        soco.training_windows(torch.empty(0, 64, dtype=torch.long), 32)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
+    blocks = _blocks(prep64)
+    windows = soco.training_windows(prep64.calib, 16)[:4]
+    teacher = soco.teacher_topk(prep64.model, windows, 32, progress=False)
+    seen = []
+
+    def flaky_kl(logits, logp, idx):
+        seen.append([b.scores.detach().clone() for b in blocks])
+        kl = soco.topk_kl(logits, logp, idx)
+        return kl * float("nan") if len(seen) == 6 else kl
+
+    cfg = soco.SocoConfig(steps=8, seq_len=16, lr=0.2)
+    log = soco.train(prep64.model, blocks, windows, teacher, 0.4, cfg, progress=False, kl_fn=flaky_kl)
+    assert log["steps_done"] == 5 and "non-finite distillation loss at step 5" in log["stopped"]
+    for b, s in zip(blocks, seen[5]):  # the scores the failing step started from
+        assert torch.equal(b.scores.detach(), s)
+    assert not torch.equal(seen[5][1], seen[0][1])  # training had moved them
+    assert isinstance(prep64.model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # model restored
+    pr = soco.threshold_mask(blocks, 0.4)  # the kept scores still give a valid checkpoint
+    assert 0.4 <= pr.ratio <= 0.405
+
+
+def test_quality_benchmark_has_soco_cells(tiny_llama, text_file, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    argv = ["--model", str(tiny_llama), "--methods", "soco-onerun", "--ratios", "0.3,0.4",
+            "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
+            "--soco-steps", "4", "--soco-seq-len", "32", "--name", "t"]
+    assert quality.main(argv) == 0
+    res = json.loads((tmp_path / "quality_t.json").read_text())
+    assert set(res["cells"]) == {"soco-onerun@0.3", "soco-onerun@0.4"}
+    assert res["cells"]["soco-onerun@0.4"]["soco_trained_for"] == 0.3
+    assert all(c["target_ratio"] <= c["achieved_ratio"] <= c["target_ratio"] + 0.005 for c in res["cells"].values())
+    assert "soco-onerun" in (tmp_path / "quality_t.md").read_text()
+    assert quality.BENCH_METHODS["soco-shared"] == ("soco", 2, False)
