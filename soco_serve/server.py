@@ -109,9 +109,9 @@ class VllmServer:
 
     def launch(self) -> "VllmServer":
         """Start without waiting for health (see :meth:`wait_exit`)."""
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, stdin=subprocess.DEVNULL)
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True, stdin=subprocess.DEVNULL)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
 
 
 def make_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
