@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/quality.py                       # default model and text
     .venv/bin/python benchmarks/quality.py --methods svd-llm --ratios 0.3,0.5
     .venv/bin/python benchmarks/quality.py --methods svd-llm,basis-sharing,soco,soco-shared,soco-onerun
+    .venv/bin/python benchmarks/quality.py --eval-text my_domain.txt --name mydomain
 
 The dense model is loaded, evaluated and calibrated once; every (method, ratio) cell then
 decomposes from the same Gram statistics and is evaluated in memory (no checkpoint written).
 Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped.
-Writes ``benchmarks/results/quality_<name>.json``, ``.md`` and ``.png``.
+Writes ``benchmarks/results/quality_<name>.json``, ``.md`` and ``.png``. Perplexity is always
+measured on the default text's evaluation split; ``--eval-text FILE`` adds a second perplexity
+on that file (another domain), in the JSON and the table.
 
 Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``soco-shared`` (soco on
 Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
@@ -31,12 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compress import evaluate  # noqa: E402
+from compress import data, evaluate  # noqa: E402
 from compress.hf_loader import install_factors  # noqa: E402
 from compress.pipeline import (  # noqa: E402
     METHODS,
     CompressConfig,
     Timer,
+    add_fisher,
     compress_prepared,
     compress_prepared_ratios,
     prepare,
@@ -57,12 +61,13 @@ BENCH_METHODS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", default="svd,svd-llm,basis-sharing", help="comma-separated methods")
-    p.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
+    p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing",
+                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~20 min each)")
+    p.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6", help="comma-separated ratios")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--eval-text", default=None, help="further evaluation text (.txt/.jsonl)")
+    p.add_argument("--eval-text", default=None, help="a further evaluation text (.txt/.jsonl): a second perplexity")
     p.add_argument("--name", default="default", help="result file stem: quality_<name>.*")
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
     d = SocoConfig()
@@ -89,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     cells = results.setdefault("cells", {})
     soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
-                          eval_windows=a.eval_windows, seq_len=a.seq_len, eval_text=a.eval_text, progress=False,
-                          soco=soco_cfg)
+                          eval_windows=a.eval_windows, seq_len=a.seq_len, progress=False, soco=soco_cfg)
     timer = Timer()
     print("preparing: load, dense perplexity, calibration statistics ...", flush=True)
     prep = prepare(base, timer, need_grams=True)
     assert prep.dense_ppl is not None and prep.eval_windows is not None
+    extra_windows = None
+    if a.eval_text:
+        extra_tokens = data.tokenize_stream(prep.tokenizer, data.load_text(a.eval_text, "evaluation"))
+        extra_windows = data.eval_windows(extra_tokens, a.seq_len, a.eval_windows)
+        extra = evaluate.perplexity(prep.model, extra_windows, progress=False)
+        results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
     results.update(
         model=str(prep.source), device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len,
@@ -105,16 +115,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def cached(key: str, method: str) -> bool:
         c = cells.get(key)
-        return c is not None and (BENCH_METHODS[method][0] != "soco" or c.get("soco_settings") == soco_settings)
+        return (c is not None and (BENCH_METHODS[method][0] != "soco" or c.get("soco_settings") == soco_settings)
+                and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, manifest, dec, cfg: CompressConfig, seconds: float) -> None:
         compressed = prep.model if cfg.refit else copy.deepcopy(dense_model)
         install_factors(compressed, manifest, dec.tensors.__getitem__, next(dense_model.parameters()).dtype)
         ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
-        del compressed
         cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
                       "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
                       "seconds": round(seconds, 1)}
+        if extra_windows is not None:
+            cells[key].update(eval_text=a.eval_text,
+                              ppl_eval_text=evaluate.perplexity(compressed, extra_windows, progress=False).ppl)
+        del compressed
         if dec.log:
             cells[key].update(soco_settings=soco_settings, soco_final=dec.log["final"],
                               soco_trained_for=dec.log["trained_for"], soco_seconds=dec.log["seconds"],
@@ -127,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         name, group_size, one_run = BENCH_METHODS[method]
         todo = [r for r in ratios if not cached(cell_key(method, r), method)]
+        if todo and METHODS[name].needs_fisher and prep.fisher is None:
+            print("gradient statistics for fwsvd ...", flush=True)
+            add_fisher(prep, base, timer)
+            results["prepare_seconds"] = timer.seconds
         for r in ratios:
             if r not in todo:
                 print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
@@ -152,14 +170,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_table(results: dict, methods: list[str], ratios: list[float], path: Path) -> None:
+    """Perplexity per (method, ratio), the further text's perplexity if any, and each cell's time."""
+    cells = results["cells"]
+    header = ["| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+
+    def table(field: str, fmt: str) -> list[str]:
+        rows = []
+        for m in methods:
+            vals = [cells.get(cell_key(m, r), {}).get(field) for r in ratios]
+            rows.append(f"| {m} | " + " | ".join("–" if v is None else format(v, fmt) for v in vals) + " |")
+        return header + rows
+
     lines = [f"Perplexity, {results['model'].rsplit('/', 1)[-1]}, {results['eval_tokens']:,} evaluation tokens "
              f"(dense {results['ppl_dense']:.2f}); ratio = fraction of decoder linear parameters removed.", "",
-             "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
-    for m in methods:
-        row = [f"{results['cells'][cell_key(m, r)]['ppl']:.2f}" if cell_key(m, r) in results["cells"] else "–"
-               for r in ratios]
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
+             *table("ppl", ".2f")]
+    if results.get("eval_text"):
+        lines += ["", f"Perplexity on {results['eval_text']}, {results['eval_text_tokens']:,} tokens "
+                      f"(dense {results['ppl_dense_eval_text']:.2f}).", "", *table("ppl_eval_text", ".2f")]
+    lines += ["", f"Seconds per cell (decompose + evaluate; {results['threads']} threads on {results['device']}).",
+              "", *table("seconds", ".0f")]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -27,15 +27,26 @@ class CalibrationError(ValueError):
 
 @dataclass
 class GramStat:
-    """Running ``XᵀX`` (float64) over ``tokens`` input rows."""
+    """Running ``XᵀX`` and ``Σ|x|`` per channel (float64) over ``tokens`` input rows."""
 
     gram: torch.Tensor
+    abs_sum: torch.Tensor
     tokens: int = 0
+
+    @classmethod
+    def zeros(cls, features: int) -> "GramStat":
+        return cls(torch.zeros(features, features, dtype=torch.float64), torch.zeros(features, dtype=torch.float64))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         self.gram.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
         self.tokens += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """Mean absolute activation per input channel (ASVD's statistic)."""
+        return self.abs_sum / max(self.tokens, 1)
 
 
 @dataclass
@@ -69,9 +80,7 @@ def attach_gram_hooks(refs: Iterable[LinearRef], grams: GramSet) -> list[torch.u
     """Hook the first linear of every site so its input accumulates into ``grams``."""
     handles = []
     for key, ref in _site_heads(refs).items():
-        st = grams.stats.setdefault(
-            key, GramStat(torch.zeros(ref.module.in_features, ref.module.in_features, dtype=torch.float64))
-        )
+        st = grams.stats.setdefault(key, GramStat.zeros(ref.module.in_features))
 
         def hook(_mod: nn.Module, args: tuple, st: GramStat = st) -> None:
             st.add(args[0].detach())
@@ -99,6 +108,41 @@ def collect_grams(model: nn.Module, refs: list[LinearRef], windows: torch.Tensor
             h.remove()
     grams.check()
     return grams
+
+
+def collect_fisher(model: nn.Module, refs: list[LinearRef], windows: torch.Tensor, batch_size: int = 4,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """FWSVD's statistic: per linear, the Fisher information of each output row, ``Σ_j (∂L/∂W_ij)²``
+    summed over calibration batches (``L`` the next-token loss of a batch).
+
+    Only the decoder linears' weights take gradients (everything else stays frozen), and each
+    batch's gradients are folded into ``[out]`` float64 sums at once, so memory is one backward
+    pass plus one vector per linear.
+    """
+    weights = [r.module.weight for r in refs]
+    saved = {p: p.requires_grad for p in model.parameters()}
+    fisher = {r.name: torch.zeros(r.module.out_features, dtype=torch.float64) for r in refs}
+    device = weights[0].device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        for b in tqdm(batches(windows, batch_size), desc="fisher", unit="batch", disable=not progress):
+            b = b.to(device)
+            with torch.enable_grad():
+                loss = model(input_ids=b, labels=b, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise CalibrationError(f"the calibration loss is {loss.item()} (the model overflows on the text)")
+            for r, g in zip(refs, torch.autograd.grad(loss, weights)):
+                fisher[r.name] += g.to(torch.float64).pow(2).sum(1).cpu()
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    for name, f in fisher.items():
+        if not torch.isfinite(f).all():
+            raise CalibrationError(f"{name}: Fisher information contains NaN or Inf")
+    return fisher
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def compress_parser() -> argparse.ArgumentParser:
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",
                    help="basis-sharing: refit each layer's coefficients on the compressed model's own "
                         "activations; auto = on at ratio >= 0.4")
+    m.add_argument("--asvd-alpha", type=float, default=0.5,
+                   help="asvd: input channels are scaled by (mean |activation|)^ALPHA before truncation")
     m.add_argument("--force-factorize", action="store_true",
                    help="factorize even matrices whose factors would be larger than the dense matrix")
     m.add_argument("--full-rank", action="store_true",
@@ -157,6 +159,7 @@ def cmd_compress(argv: list[str]) -> int:
         output=a.output, model=a.model, method=a.method, ratio=a.ratio[0],
         ratios=tuple(a.ratio) if len(a.ratio) > 1 else (), group_size=group_size, soco=sc,
         shared_types=tuple(s for s in a.shared_types.split(",") if s), coefficient_update=a.coefficient_update,
+        asvd_alpha=a.asvd_alpha,
         force_factorize=a.force_factorize, full_rank=a.full_rank, dtype=a.dtype, calib_text=a.calib_text,
         calib_windows=a.calib_windows, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed,
         evaluate=not a.no_eval, eval_text=a.eval_text, eval_windows=a.eval_windows, force=a.force,

@@ -95,6 +95,51 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return _split_sigma(u, sigma, vh, rank)
 
 
+def scaled_svd(w: torch.Tensor, rank: int, in_scale: torch.Tensor | None = None,
+               out_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate ``SVD(diag(out) · W · diag(in))`` and undo the scalings in the factors.
+
+    A diagonal scaling is the cheap cousin of whitening: it tells the truncation which rows or
+    columns matter without modelling their correlations. ASVD scales input channels by their
+    activation size (least ``‖(W − W') diag(in)‖_F``); FWSVD scales output rows by the square
+    root of their Fisher information (least ``Σ_i out_i² ‖W_i − W'_i‖²``). Scales must be
+    positive; both default to ones (then this is :func:`truncated_svd`).
+    """
+    _check_rank(w, rank)
+    scaled = w.to(F64)
+    for name, scale, dim in (("in_scale", in_scale, 1), ("out_scale", out_scale, 0)):
+        if scale is None:
+            continue
+        if scale.shape != (w.shape[dim],) or not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise DecompositionError(f"{name} must be {w.shape[dim]} positive finite values, got shape "
+                                     f"{list(scale.shape)}")
+        scaled = scaled * (scale.to(F64) if dim == 1 else scale.to(F64)[:, None])
+    u, v = _split_sigma(*torch.linalg.svd(scaled, full_matrices=False), rank)
+    if out_scale is not None:
+        u = u / out_scale.to(F64)[:, None]
+    if in_scale is not None:
+        v = v / in_scale.to(F64)
+    return u, v
+
+
+def activation_scale(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's input-channel scale ``mean|x|^α``; channels the calibration never excited get the
+    smallest non-zero scale (a zero would make the scaling singular)."""
+    a = abs_mean.to(F64)
+    floor = a[a > 0].min() if bool((a > 0).any()) else torch.tensor(1.0, dtype=F64)
+    return a.clamp_min(floor).pow(alpha)
+
+
+FISHER_FLOOR = 1e-6  # relative to the mean row Fisher information
+
+
+def fisher_scale(row_fisher: torch.Tensor) -> torch.Tensor:
+    """FWSVD's row scale ``sqrt(Σ_j (∂L/∂W_ij)²)``, floored at :data:`FISHER_FLOOR` × the mean so
+    that rows the loss never touched are approximated plainly rather than dropped."""
+    f = row_fisher.to(F64)
+    return f.clamp_min(FISHER_FLOOR * f.mean().clamp_min(torch.finfo(F64).tiny)).sqrt()
+
+
 def unwhiten(vh_rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``vh_rows · S⁻¹`` by a triangular solve (never forming the inverse)."""
     return torch.linalg.solve_triangular(s.T, vh_rows.T, upper=True).T

@@ -37,15 +37,19 @@ from .hf_loader import install_factors, load_soco_model
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs_grams: bool
+    needs_grams: bool  # activation statistics from a forward pass (Gram matrices, mean |x|)
     shares_bases: bool
     summary: str
+    needs_fisher: bool = False  # gradient statistics from a backward pass
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("svd", False, False, "plain truncated SVD of each weight (weakest baseline)"),
+        Method("fwsvd", False, False, "Fisher-weighted SVD: rows weighted by the loss's squared gradients",
+               needs_fisher=True),
+        Method("asvd", True, False, "activation-aware SVD: input channels scaled by mean |x|^alpha"),
         Method("svd-llm", True, False, "whitened SVD: truncation aware of the calibration activations"),
         Method("basis-sharing", True, True, "whitened SVD with one basis shared by adjacent layers"),
         Method("soco", True, True, "SoCo: learned scores on every whitened SVD component, pruned to the budget "
@@ -67,6 +71,7 @@ class CompressConfig:
     group_size: int = 2
     shared_types: tuple[str, ...] = DEFAULT_SHARED_KINDS
     coefficient_update: str = "auto"  # auto | on | off
+    asvd_alpha: float = 0.5  # ASVD's exponent on the mean absolute activation (the paper's default)
     force_factorize: bool = False
     full_rank: bool = False
     dtype: str = "auto"
@@ -104,6 +109,8 @@ class CompressConfig:
             allocate.check_ratio(self.ratio)
         if not METHODS[self.method].shares_bases:
             self.group_size = 1
+        if not self.asvd_alpha >= 0:
+            raise ValueError(f"--asvd-alpha must be >= 0, got {self.asvd_alpha}")
 
     @property
     def ratio_list(self) -> list[float]:
@@ -149,9 +156,35 @@ def out_dtype(cfg: CompressConfig, model: nn.Module) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def decompose_stage(refs: list[models.LinearRef], plan: allocate.Plan, grams: calibrate.GramSet | None,
+@dataclass
+class Statistics:
+    """What the calibration passes measured, for the decompose stage."""
+
+    grams: calibrate.GramSet | None = None
+    fisher: dict[str, torch.Tensor] | None = None
+    asvd_alpha: float = 0.5
+
+
+def factor_private(method: Method, ref: models.LinearRef, rank: int, stats: Statistics,
+                   whiten: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matrix's rank-``rank`` factors ``(U, V)`` by ``method``'s criterion."""
+    w = ref.module.weight.detach()
+    if method.name == "svd":
+        return decompose.truncated_svd(w, rank)
+    if method.name == "fwsvd":
+        assert stats.fisher is not None
+        return decompose.scaled_svd(w, rank, out_scale=decompose.fisher_scale(stats.fisher[ref.name]))
+    assert stats.grams is not None
+    if method.name == "asvd":
+        scale = decompose.activation_scale(stats.grams.stats[ref.site_key].abs_mean, stats.asvd_alpha)
+        return decompose.scaled_svd(w, rank, in_scale=scale)
+    return decompose.whitened_svd(w, whiten(ref.site_key, stats.grams[ref.site_key]), rank)
+
+
+def decompose_stage(refs: list[models.LinearRef], plan: allocate.Plan, stats: Statistics,
                     method: Method, dtype: torch.dtype, progress: bool = True) -> Decomposition:
-    """Factor every linear as the plan says (SVD, whitened SVD, or a shared basis per group)."""
+    """Factor every linear as the plan says (one of the SVDs, or a shared basis per group)."""
+    grams = stats.grams
     whitenings = decompose.Whitenings()
     out = Decomposition(damping=whitenings.damping)
     whiten = whitenings.get
@@ -171,16 +204,11 @@ def decompose_stage(refs: list[models.LinearRef], plan: allocate.Plan, grams: ca
     private = [(n, a) for n, a in plan.assignments.items() if a.kind != "shared"]
     for name, a in tqdm(private, desc="decompose", unit="matrix", disable=not progress):
         r = by_name[name]
-        w = r.module.weight.detach()
         if a.kind == "dense":
-            out.tensors[weight_name(name)] = w.to(dtype)
+            out.tensors[weight_name(name)] = r.module.weight.detach().to(dtype)
             continue
         assert a.rank is not None
-        if method.needs_grams:
-            assert grams is not None
-            u, v = decompose.whitened_svd(w, whiten(r.site_key, grams[r.site_key]), a.rank)
-        else:
-            u, v = decompose.truncated_svd(w, a.rank)
+        u, v = factor_private(method, r, a.rank, stats, whiten)
         out.tensors[u_name(name)], out.tensors[v_name(name)] = u.to(dtype), v.to(dtype)
     for name, a in plan.assignments.items():
         mod = by_name[name].module
@@ -266,12 +294,15 @@ class Prepared:
     dense_params: int
     calib: torch.Tensor | None = None
     grams: calibrate.GramSet | None = None
+    fisher: dict[str, torch.Tensor] | None = None
     eval_windows: torch.Tensor | None = None
     dense_ppl: evaluate.Perplexity | None = None
 
 
-def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None) -> Prepared:
-    """Load the model, measure its perplexity, stream the calibration Gram statistics."""
+def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None,
+            need_fisher: bool | None = None) -> Prepared:
+    """Load the model, measure its perplexity, stream the calibration statistics the method needs
+    (``need_*`` override the method's needs; see :func:`add_fisher` for adding gradients later)."""
     with timer.stage("load"):
         model, tok, resolved = models.load_model(cfg.model, None, cfg.device)
         models.check_finite(model)
@@ -285,10 +316,25 @@ def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None) -
             prep.dense_ppl = evaluate.perplexity(model, prep.eval_windows, progress=cfg.progress, desc="evaluate dense")
     if need_grams if need_grams is not None else (METHODS[cfg.method].needs_grams or cfg.refit):
         with timer.stage("calibrate"):
-            calib_tokens = data.tokenize_stream(tok, data.load_text(cfg.calib_text, "calibration"))
-            prep.calib = data.calibration_windows(calib_tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
+            prep.calib = calibration_windows(cfg, tok)
             prep.grams = calibrate.collect_grams(model, prep.refs, prep.calib, cfg.batch_size, cfg.progress)
+    if need_fisher if need_fisher is not None else METHODS[cfg.method].needs_fisher:
+        add_fisher(prep, cfg, timer)
     return prep
+
+
+def calibration_windows(cfg: CompressConfig, tokenizer: Any) -> torch.Tensor:
+    """The calibration text as ``[calib_windows, seq_len]`` token windows (seeded choice)."""
+    tokens = data.tokenize_stream(tokenizer, data.load_text(cfg.calib_text, "calibration"))
+    return data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
+
+
+def add_fisher(prep: Prepared, cfg: CompressConfig, timer: Timer) -> None:
+    """The gradient statistics (FWSVD), on the same calibration windows as the Gram statistics."""
+    with timer.stage("fisher"):
+        if prep.calib is None:
+            prep.calib = calibration_windows(cfg, prep.tokenizer)
+        prep.fisher = calibrate.collect_fisher(prep.model, prep.refs, prep.calib, cfg.batch_size, cfg.progress)
 
 
 def compress_prepared(prep: Prepared, cfg: CompressConfig, timer: Timer) -> tuple[Manifest, Decomposition]:
@@ -308,7 +354,8 @@ def compress_prepared(prep: Prepared, cfg: CompressConfig, timer: Timer) -> tupl
             force_factorize=cfg.force_factorize, full_rank=cfg.full_rank,
         )
     with timer.stage("decompose"):
-        dec = decompose_stage(prep.refs, plan, prep.grams, method, dtype, cfg.progress)
+        dec = decompose_stage(prep.refs, plan, Statistics(prep.grams, prep.fisher, cfg.asvd_alpha), method, dtype,
+                              cfg.progress)
     if cfg.refit:
         with timer.stage("coefficient_update"):
             assert prep.calib is not None
@@ -428,6 +475,8 @@ def _settings(cfg: CompressConfig) -> dict[str, Any]:
         d.pop(k)
     if cfg.method != "soco":
         d.pop("soco")
+    if cfg.method != "asvd":
+        d.pop("asvd_alpha")
     shares = METHODS[cfg.method].shares_bases and (cfg.method != "soco" or cfg.group_size > 1)
     d["shared_types"] = list(cfg.shared_types) if shares else []
     d["coefficient_update"] = cfg.refit

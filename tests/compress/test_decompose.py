@@ -92,3 +92,53 @@ def test_refit_coefficients_is_the_weighted_least_squares_solution():
 def test_rank_out_of_range():
     with pytest.raises(D.DecompositionError, match="rank 17"):
         D.truncated_svd(torch.randn(24, 16, dtype=F64), 17)
+
+
+def _row_error(w, w_approx, weights):
+    return float((weights[:, None] * (w - w_approx) ** 2).sum())
+
+
+def test_scaled_svd_unit_scales_is_plain_svd_and_full_rank_is_exact():
+    w, _, _ = _data()
+    ones_in, ones_out = torch.ones(16, dtype=F64), torch.ones(24, dtype=F64)
+    for rank in (3, 16):
+        ref = torch.matmul(*D.truncated_svd(w, rank))
+        torch.testing.assert_close(torch.matmul(*D.scaled_svd(w, rank, ones_in, ones_out)), ref, rtol=0, atol=1e-10)
+    g = torch.Generator().manual_seed(2)
+    s_in, s_out = torch.rand(16, generator=g, dtype=F64) + 0.1, torch.rand(24, generator=g, dtype=F64) + 0.1
+    torch.testing.assert_close(torch.matmul(*D.scaled_svd(w, 16, s_in, s_out)), w, rtol=0, atol=1e-10)
+
+
+def test_asvd_scaling_is_optimal_for_its_channel_weighted_error():
+    # ASVD minimises ||(W - W') diag(s)||: it beats plain SVD there, and no nearby rank-r
+    # candidate does better (Eckart-Young in the scaled space).
+    w, x, _ = _data()
+    s = D.activation_scale(x.abs().mean(0), 0.5)
+    err = lambda wa: float((((w - wa) * s) ** 2).sum())  # noqa: E731
+    u, v = D.scaled_svd(w, 4, in_scale=s)
+    assert err(u @ v) < err(torch.matmul(*D.truncated_svd(w, 4)))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        assert err((u + 1e-2 * torch.randn(u.shape, generator=g, dtype=F64)) @ v) >= err(u @ v) - 1e-9
+
+
+def test_fwsvd_scaling_favours_rows_with_more_fisher_information():
+    w, _, _ = _data()
+    fisher = torch.logspace(2, -2, 24, dtype=F64)  # a few rows matter much more than the rest
+    u, v = D.scaled_svd(w, 4, out_scale=D.fisher_scale(fisher))
+    plain = torch.matmul(*D.truncated_svd(w, 4))
+    assert _row_error(w, u @ v, fisher) < 0.9 * _row_error(w, plain, fisher)
+    # the important rows are nearly exact, the unimportant ones pay for it
+    assert (w - u @ v)[:3].norm() < (w - plain)[:3].norm() * 0.5
+
+
+def test_scales_are_floored_and_checked():
+    a = D.activation_scale(torch.tensor([0.0, 4.0, 1.0], dtype=F64), 0.5)
+    torch.testing.assert_close(a, torch.tensor([1.0, 2.0, 1.0], dtype=F64))
+    f = D.fisher_scale(torch.tensor([0.0, 3.0], dtype=F64))
+    assert f[0] > 0 and f[1] == pytest.approx(3**0.5)
+    w = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(D.DecompositionError, match="in_scale must be 3 positive finite values"):
+        D.scaled_svd(w, 2, in_scale=torch.tensor([1.0, 0.0, 1.0], dtype=F64))
+    with pytest.raises(D.DecompositionError, match="out_scale must be 4"):
+        D.scaled_svd(w, 2, out_scale=torch.ones(3, dtype=F64))

@@ -28,7 +28,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("method", ["svd", "svd-llm", "basis-sharing"])
+@pytest.mark.parametrize("method", ["svd", "fwsvd", "asvd", "svd-llm", "basis-sharing"])
 def test_full_rank_reproduces_dense_logits(tiny_llama_f64, text_file, tmp_path, method):
     out = _compress(tiny_llama_f64, tmp_path / method, "--method", method, "--full-rank", text=text_file)
     dense = load_model(str(tiny_llama_f64))[0]
@@ -45,7 +45,8 @@ def test_full_rank_reproduces_dense_logits(tiny_llama_f64, text_file, tmp_path, 
         torch.testing.assert_close(_logits(load_soco_model(out), ids), _logits(dense, ids), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,extra", [("svd-llm", []), ("basis-sharing", ["--group-size", "2"]),
+@pytest.mark.parametrize("method,extra", [("svd-llm", []), ("asvd", ["--asvd-alpha", "1"]), ("fwsvd", []),
+                                          ("basis-sharing", ["--group-size", "2"]),
                                           ("basis-sharing", ["--group-size", "3", "--coefficient-update", "on"])])
 def test_checkpoint_matches_budget_and_stores_bases_once(tiny_llama, text_file, tmp_path, method, extra):
     out = _compress(tiny_llama, tmp_path / "ck", "--method", method, "--ratio", "0.4", *extra,
@@ -155,7 +156,8 @@ def test_truncated_model_weights(tiny_llama, tmp_path, capsys):
 def test_nan_gram_statistics_are_refused():
     from compress.calibrate import CalibrationError, GramSet, GramStat
 
-    grams = GramSet({(3, "mlp_in"): GramStat(torch.full((2, 2), float("nan"), dtype=torch.float64), tokens=5)})
+    grams = GramSet({(3, "mlp_in"): GramStat(torch.full((2, 2), float("nan"), dtype=torch.float64),
+                                                torch.zeros(2, dtype=torch.float64), tokens=5)})
     with pytest.raises(CalibrationError, match="layer 3 site 'mlp_in': Gram statistics contain NaN or Inf"):
         grams.check()
 

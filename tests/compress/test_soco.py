@@ -212,24 +212,3 @@ def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
     assert isinstance(prep64.model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # model restored
     pr = soco.threshold_mask(blocks, 0.4)  # the kept scores still give a valid checkpoint
     assert 0.4 <= pr.ratio <= 0.405
-
-
-def test_quality_benchmark_has_soco_cells(tiny_llama, text_file, tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "quality_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    monkeypatch.setattr(quality, "RESULTS", tmp_path)
-    argv = ["--model", str(tiny_llama), "--methods", "soco-onerun", "--ratios", "0.3,0.4",
-            "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
-            "--soco-steps", "4", "--soco-seq-len", "32", "--name", "t"]
-    assert quality.main(argv) == 0
-    res = json.loads((tmp_path / "quality_t.json").read_text())
-    assert set(res["cells"]) == {"soco-onerun@0.3", "soco-onerun@0.4"}
-    assert res["cells"]["soco-onerun@0.4"]["soco_trained_for"] == 0.3
-    assert all(c["target_ratio"] <= c["achieved_ratio"] <= c["target_ratio"] + 0.005 for c in res["cells"].values())
-    assert "soco-onerun" in (tmp_path / "quality_t.md").read_text()
-    assert quality.BENCH_METHODS["soco-shared"] == ("soco", 2, False)

@@ -1,0 +1,51 @@
+"""benchmarks/quality.py end to end on a tiny random Llama: cells, resume, the further text."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def quality(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "quality_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_path, capsys):
+    argv = ["--model", str(tiny_llama), "--methods", "svd,fwsvd,asvd", "--ratios", "0.3,0.5",
+            "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
+            "--name", "t"]
+    assert quality.main(argv) == 0
+    res = json.loads((tmp_path / "quality_t.json").read_text())
+    assert set(res["cells"]) == {f"{m}@{r}" for m in ("svd", "fwsvd", "asvd") for r in (0.3, 0.5)}
+    for c in res["cells"].values():
+        assert c["ppl"] > 0 and c["ppl_eval_text"] > 0 and c["seconds"] >= 0
+        assert abs(c["achieved_ratio"] - c["target_ratio"]) < 0.02
+    assert "fisher" in res["prepare_seconds"]
+    table = (tmp_path / "quality_t.md").read_text()
+    assert f"Perplexity on {text_file}" in table and "| fwsvd |" in table and "Seconds per cell" in table
+    assert (tmp_path / "quality_t.png").stat().st_size > 1000
+    # A second run computes nothing new: every cell comes from the cache.
+    capsys.readouterr()
+    assert quality.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("cached ppl") == 6 and "gradient statistics" not in out
+
+
+def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
+    argv = ["--model", str(tiny_llama), "--methods", "soco-onerun", "--ratios", "0.3,0.4",
+            "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
+            "--soco-steps", "4", "--soco-seq-len", "32", "--name", "t"]
+    assert quality.main(argv) == 0
+    res = json.loads((tmp_path / "quality_t.json").read_text())
+    assert set(res["cells"]) == {"soco-onerun@0.3", "soco-onerun@0.4"}
+    assert res["cells"]["soco-onerun@0.4"]["soco_trained_for"] == 0.3
+    assert all(c["target_ratio"] <= c["achieved_ratio"] <= c["target_ratio"] + 0.005 for c in res["cells"].values())
+    assert "soco-onerun" in (tmp_path / "quality_t.md").read_text()
+    assert quality.BENCH_METHODS["soco-shared"] == ("soco", 2, False)

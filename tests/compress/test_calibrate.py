@@ -1,0 +1,45 @@
+"""Calibration statistics against direct computations on a tiny random Llama."""
+
+import torch
+
+from compress import calibrate, models
+
+
+def _model_and_windows(path, seed=0):
+    model = models.load_model(str(path))[0]
+    spec = models.arch_spec(model)
+    refs = models.find_linears(model, spec)
+    windows = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(seed))
+    return model, refs, windows
+
+
+def test_gram_and_abs_mean_match_the_captured_inputs(tiny_llama):
+    model, refs, windows = _model_and_windows(tiny_llama)
+    grams = calibrate.collect_grams(model, refs, windows, batch_size=2, progress=False)
+    down = next(r for r in refs if r.layer == 1 and r.spec.kind == "down")
+    seen = []
+    handle = down.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=windows, use_cache=False)
+    handle.remove()
+    x = torch.cat(seen).double()
+    st = grams.stats[down.site_key]
+    assert st.tokens == 48
+    torch.testing.assert_close(st.gram, x.T @ x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-9)
+
+
+def test_fisher_is_the_summed_squared_gradient_per_row(tiny_llama):
+    model, refs, windows = _model_and_windows(tiny_llama)
+    before = [p.requires_grad for p in model.parameters()]
+    fisher = calibrate.collect_fisher(model, refs, windows, batch_size=2, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == before  # left as found
+    assert set(fisher) == {r.name for r in refs}
+    q = next(r for r in refs if r.layer == 2 and r.spec.kind == "q")
+    expected = torch.zeros(q.module.out_features, dtype=torch.float64)
+    for b in torch.split(windows, 2):
+        model.zero_grad()
+        model(input_ids=b, labels=b, use_cache=False).loss.backward()
+        expected += q.module.weight.grad.double().pow(2).sum(1)
+    torch.testing.assert_close(fisher[q.name], expected, rtol=1e-5, atol=0)
+    assert all(bool((f > 0).all()) for f in fisher.values())
