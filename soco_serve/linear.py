@@ -46,6 +46,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from kernels import lowrank_expand, lowrank_forward, pack_expand
 from kernels.lowrank import U_ROW_ALIGN
+from soco_serve import cpu_gemm
 from soco_serve.layout import CheckpointError, LinearEntry, Manifest
 
 logger = init_logger("vllm.soco_serve.linear")
@@ -75,6 +76,8 @@ class SocoLinearConfig(QuantizationConfig):
         self.shared_v: dict[tuple[Any, ...], Parameter] = {}
         # basis id -> the (layer, segment index) pairs whose shrink rows hold it, one per distinct tensor
         self.basis_targets: dict[str, list[tuple[LinearBase, int]]] = {}
+        # id of a shrink Parameter -> its prepacked oneDNN handler (CPU): a shared one is packed once
+        self.cpu_shrink: dict[int, Any] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -230,6 +233,8 @@ class SocoLowRankLinearMethod(LinearMethodBase):
 
     # -- after loading, and the forward -----------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Pack the expand factors into one buffer (CUDA: padded for the Triton kernels), or on a
+        CPU prepack every factor for oneDNN (see :mod:`soco_serve.cpu_gemm`)."""
         us: list[torch.Tensor | None] = []
         offset = 0
         for s, part, r in zip(self.segments, layer.soco_out_parts, layer.soco_ranks):
@@ -240,16 +245,31 @@ class SocoLowRankLinearMethod(LinearMethodBase):
                 offset += part * r
         # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
         packed = pack_expand(us, layer.soco_ranks, U_ROW_ALIGN if layer.lowrank_u.is_cuda else 1)
+        layer.soco_cpu = None
+        if layer.lowrank_u.device.type == "cpu" and cpu_gemm.onednn_available():
+            v = layer.lowrank_v
+            shrink = self.config.cpu_shrink.get(id(v))
+            if shrink is None:
+                shrink = self.config.cpu_shrink[id(v)] = cpu_gemm.prepack(v.data)
+                v.data = v.data.new_empty(0)  # the handler holds the packed copy (a shared basis: once)
+            layer.soco_cpu = cpu_gemm.OneDnnLowRank.build(shrink, packed)
+            layer.lowrank_u = Parameter(packed.u_flat.new_empty(0), requires_grad=False)
+            layer.soco_expand = None
+            return
         # The packed buffer replaces the loaded one: the layer holds one copy of U.
         layer.lowrank_u = Parameter(packed.u_flat, requires_grad=False)
         layer.soco_expand = packed
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        cpu = layer.soco_cpu
         if not layer.soco_reduce:
-            return lowrank_forward(x, layer.lowrank_v, layer.soco_expand, bias)
+            return cpu(x, bias) if cpu is not None else lowrank_forward(x, layer.lowrank_v, layer.soco_expand, bias)
         # Row-parallel under TP: reduce the rank-sized partial products, then expand on every
         # rank; the bias (which vLLM passes on rank 0 only) is added everywhere.
         from vllm.distributed import tensor_model_parallel_all_reduce
 
+        if cpu is not None:
+            h = tensor_model_parallel_all_reduce(cpu.shrink_x(x))
+            return cpu.expand_h(h, layer.bias).view(*x.shape[:-1], -1)
         h = tensor_model_parallel_all_reduce(torch.matmul(x, layer.lowrank_v.t()))
         return lowrank_expand(h, layer.soco_expand, layer.bias)
