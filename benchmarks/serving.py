@@ -1,15 +1,16 @@
 """Serving throughput, dense against soco checkpoints, side by side in one run on one machine.
 
-    .venv/bin/python benchmarks/serving.py                                  # ratios 0.3, 0.5; concurrency 1, 8
-    .venv/bin/python benchmarks/serving.py --ratios 0.2,0.3,0.4,0.5 --methods svd-llm,basis-sharing \\
-        --concurrency 1,8,32
+    .venv/bin/python benchmarks/serving.py          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
+    .venv/bin/python benchmarks/serving.py --methods basis-sharing --ratios 0.5 --concurrency 1,8
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
 with the same flags (soco_serve.server.CPU_FLAGS) and driven by ``vllm bench serve`` (random
 prompts, fixed seed, ``--ignore-eos`` so every request generates the same number of tokens).
 Records output tokens/s, time to first token and time per output token (medians), the weight
-memory the soco loader reports, and each figure's ratio to dense. Quality does not matter here:
+memory (soco: what the loader reports; dense: its safetensors files, same dtype), and each
+figure's ratio to dense. ``svd-llm`` checkpoints hold private factors, ``basis-sharing`` ones
+shared bases. Quality does not matter here:
 the compression settings are the defaults of ``soco-compress``.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.
@@ -37,10 +38,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="basis-sharing", help="comma-separated compression methods")
-    p.add_argument("--ratios", default="0.3,0.5", help="comma-separated ratios")
-    p.add_argument("--concurrency", default="1,8", help="comma-separated max concurrency levels")
-    p.add_argument("--num-prompts", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--methods", default="svd-llm,basis-sharing", help="comma-separated compression methods")
+    p.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated max concurrency levels")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per concurrency level (default: max(8, 2 x concurrency))")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -66,12 +68,16 @@ def ensure_checkpoint(ckpt_dir: Path, method: str, ratio: str) -> Path:
 def bench(server: VllmServer, model: str, concurrency: int, a: argparse.Namespace, out: Path) -> dict:
     cmd = [vllm_executable(), "bench", "serve", "--backend", "openai", "--base-url", server.base_url,
            "--model", model, "--dataset-name", "random", "--random-input-len", str(a.input_len),
-           "--random-output-len", str(a.output_len), "--num-prompts", str(a.num_prompts),
+           "--random-output-len", str(a.output_len), "--num-prompts", str(num_prompts(a, concurrency)),
            "--max-concurrency", str(concurrency), "--seed", str(a.seed), "--ignore-eos", "--disable-tqdm",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     subprocess.run(cmd, check=True, env={**os.environ, **server.env}, stdout=subprocess.DEVNULL)
     r = json.loads(out.read_text())
     return {k: r[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration")}
+
+
+def num_prompts(a: argparse.Namespace, concurrency: int) -> int:
+    return a.num_prompts or max(8, 2 * concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "platform": platform.platform()},
                "flags": list(CPU_FLAGS), "omp_bind": a.omp_bind, "input_len": a.input_len, "output_len": a.output_len,
-               "num_prompts": a.num_prompts, "runs": {}}
+               "num_prompts": {str(c): num_prompts(a, c) for c in levels}, "runs": {}}
     for label, load_format, path in models:
         log = a.ckpt_dir / f"serve-{label}.log"
         t0 = time.perf_counter()
@@ -103,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         m = re.search(r"weights in memory (\d+) bytes", log.read_text())
         if m:
             entry["weight_bytes"] = int(m.group(1))
+        elif not load_format:
+            entry["weight_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         if load_format:
             entry["report"] = {k: json.loads((path / "report.json").read_text())[k]
                                for k in ("method", "achieved_ratio", "model_ratio")}
         results["runs"][label] = entry
     dense = results["runs"]["dense"]["levels"]
     for label, entry in results["runs"].items():
+        entry["weight_bytes_vs_dense"] = round(entry["weight_bytes"] / results["runs"]["dense"]["weight_bytes"], 3)
         for c, lv in entry["levels"].items():
             lv["throughput_vs_dense"] = round(lv["output_throughput"] / dense[c]["output_throughput"], 3)
             lv["tpot_vs_dense"] = round(lv["median_tpot_ms"] / dense[c]["median_tpot_ms"], 3)
@@ -120,23 +129,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Throughput relative to dense against the compression ratio: one line per method and concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(results["runs"])
-    levels = list(next(iter(results["runs"].values()))["levels"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(labels)
-    for i, label in enumerate(labels):
-        ys = [results["runs"][label]["levels"][c]["output_throughput"] for c in levels]
-        ax.bar([j + i * width for j in range(len(levels))], ys, width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], [f"concurrency {c}" for c in levels])
-    ax.set_ylabel("output tokens / s")
+    runs = {k: v for k, v in results["runs"].items() if "report" in v}
+    methods = sorted({v["report"]["method"] for v in runs.values()})
+    levels = list(results["runs"]["dense"]["levels"])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in methods:
+        for c in levels:
+            pts = sorted((v["report"]["achieved_ratio"], v["levels"][c]["throughput_vs_dense"])
+                         for v in runs.values() if v["report"]["method"] == method)
+            ax.plot(*zip(*pts), marker="o", ls="-" if method == "basis-sharing" else "--",
+                    label=f"{method}, concurrency {c}")
+    ax.axhline(1.0, color="gray", lw=1, label="dense")
+    ax.set_xlabel("compression ratio (decoder linear parameters removed)")
+    ax.set_ylabel("output tokens/s relative to dense")
     ax.set_title(f"vllm serve on {results['machine']['processor']} ({results['machine']['cpus']} CPUs)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

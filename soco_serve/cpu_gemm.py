@@ -2,12 +2,10 @@
 
 vLLM's dense CPU layers do not call ``torch.nn.functional.linear``: at load time they hand each
 weight to oneDNN, which reorders it into its own blocked layout, and every forward runs the
-prepared primitive (``vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm``). Plain
-``torch.mm`` on the unpacked factors is 1.4-1.7x slower than that for the decode shapes of the
-default model once the weights come from memory rather than cache (measured on the 2-core AVX2
-machine; ``benchmarks/results/profile_cpu.json`` has the whole-step view), which is enough to
-make a half-size low-rank model decode slower than the dense one. So the low-rank layers take
-the same road: one prepacked primitive for the shrink ``v_cat`` and one per expand ``U_j``.
+prepared primitive (``vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm``).
+With plain ``torch.mm`` on the unpacked factors a half-size low-rank model decoded slower than
+the dense one (0.84x at one request, see the README's serving results). So the low-rank layers
+take the same road: one prepacked primitive for the shrink ``v_cat`` and one per expand ``U_j``.
 
 The primitives own their packed copies, so the layer's own factor tensors are released after
 packing (as vLLM releases dense weights); a shared basis is packed once for its whole group.
