@@ -12,7 +12,8 @@ Writes ``benchmarks/results/quality_<name>.json``, ``.md`` and ``.png``. Perplex
 measured on the default text's evaluation split; ``--eval-text FILE`` adds a second perplexity
 on that file (another domain), in the JSON and the table.
 
-Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``soco-shared`` (soco on
+Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``basis-sharing-update``
+(the coefficient update at every ratio, not only from 0.4), ``soco-shared`` (soco on
 Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
 every ratio pruned from the same scores: what "any size from one run" costs against ``soco``,
 which trains once per ratio). A soco cell takes about 20 minutes on 2 CPU cores with the default
@@ -29,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -49,19 +51,28 @@ from compress.soco import SocoConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# benchmark name -> (compressor method, group size, one training run for every ratio)
+class BenchMethod(NamedTuple):
+    """A benchmark row: the compressor method and the settings that distinguish it."""
+
+    method: str
+    group_size: int = 1
+    one_run: bool = False  # soco: one training run for every ratio
+    coefficient_update: str = "auto"
+
+
 BENCH_METHODS = {
-    **{m: (m, 2 if m == "basis-sharing" else 1, False) for m in METHODS if m != "soco"},
-    "soco": ("soco", 1, False),
-    "soco-shared": ("soco", 2, False),
-    "soco-onerun": ("soco", 1, True),
+    **{m: BenchMethod(m, 2 if m == "basis-sharing" else 1) for m in METHODS if m != "soco"},
+    "basis-sharing-update": BenchMethod("basis-sharing", 2, coefficient_update="on"),
+    "soco": BenchMethod("soco"),
+    "soco-shared": BenchMethod("soco", 2),
+    "soco-onerun": BenchMethod("soco", one_run=True),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing",
+    p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing,basis-sharing-update",
                    help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~20 min each)")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6", help="comma-separated ratios")
     p.add_argument("--calib-windows", type=int, default=32)
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
     for method in methods:
-        name, group_size, one_run = BENCH_METHODS[method]
+        name, group_size, one_run, update = BENCH_METHODS[method]
         todo = [r for r in ratios if not cached(cell_key(method, r), method)]
         if todo and METHODS[name].needs_fisher and prep.fisher is None:
             print("gradient statistics for fwsvd ...", flush=True)
@@ -149,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             if r not in todo:
                 print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
         if one_run and todo:  # one training run, every ratio (cached ones too: same scores for all)
-            cfg = replace(base, method=name, ratio=min(ratios), ratios=tuple(ratios), group_size=group_size)
+            cfg = replace(base, method=name, ratio=min(ratios), ratios=tuple(ratios), group_size=group_size,
+                          coefficient_update=update)
             t0 = time.perf_counter()
             outs = compress_prepared_ratios(prep, cfg, Timer())
             for r, (manifest, dec) in zip(ratios, outs):
                 record(cell_key(method, r), method, r, manifest, dec, cfg, time.perf_counter() - t0)
             continue
         for ratio in todo:
-            cfg = replace(base, method=name, ratio=ratio, group_size=group_size)
+            cfg = replace(base, method=name, ratio=ratio, group_size=group_size, coefficient_update=update)
             t0 = time.perf_counter()
             prep.model = copy.deepcopy(dense_model) if cfg.refit else dense_model
             manifest, dec = compress_prepared(prep, cfg, Timer())
@@ -187,7 +199,8 @@ def write_table(results: dict, methods: list[str], ratios: list[float], path: Pa
     if results.get("eval_text"):
         lines += ["", f"Perplexity on {results['eval_text']}, {results['eval_text_tokens']:,} tokens "
                       f"(dense {results['ppl_dense_eval_text']:.2f}).", "", *table("ppl_eval_text", ".2f")]
-    lines += ["", f"Seconds per cell (decompose + evaluate; {results['threads']} threads on {results['device']}).",
+    lines += ["", f"Seconds to compress each cell (decomposition, plus the coefficient update or soco training "
+                  f"where used; evaluation excluded; {results['threads']} threads on {results['device']}).",
               "", *table("seconds", ".0f")]
     path.write_text("\n".join(lines) + "\n")
 

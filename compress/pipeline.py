@@ -299,10 +299,9 @@ class Prepared:
     dense_ppl: evaluate.Perplexity | None = None
 
 
-def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None,
-            need_fisher: bool | None = None) -> Prepared:
+def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None) -> Prepared:
     """Load the model, measure its perplexity, stream the calibration statistics the method needs
-    (``need_*`` override the method's needs; see :func:`add_fisher` for adding gradients later)."""
+    (``need_grams`` overrides the method's need; :func:`add_fisher` adds gradients later)."""
     with timer.stage("load"):
         model, tok, resolved = models.load_model(cfg.model, None, cfg.device)
         models.check_finite(model)
@@ -318,7 +317,7 @@ def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None,
         with timer.stage("calibrate"):
             prep.calib = calibration_windows(cfg, tok)
             prep.grams = calibrate.collect_grams(model, prep.refs, prep.calib, cfg.batch_size, cfg.progress)
-    if need_fisher if need_fisher is not None else METHODS[cfg.method].needs_fisher:
+    if METHODS[cfg.method].needs_fisher:
         add_fisher(prep, cfg, timer)
     return prep
 

@@ -18,12 +18,14 @@ def quality(tmp_path, monkeypatch):
 
 
 def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_path, capsys):
-    argv = ["--model", str(tiny_llama), "--methods", "svd,fwsvd,asvd", "--ratios", "0.3,0.5",
+    methods = ("svd", "fwsvd", "asvd", "basis-sharing-update")
+    argv = ["--model", str(tiny_llama), "--methods", ",".join(methods), "--ratios", "0.3,0.5",
             "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
             "--name", "t"]
     assert quality.main(argv) == 0
     res = json.loads((tmp_path / "quality_t.json").read_text())
-    assert set(res["cells"]) == {f"{m}@{r}" for m in ("svd", "fwsvd", "asvd") for r in (0.3, 0.5)}
+    assert set(res["cells"]) == {f"{m}@{r}" for m in methods for r in (0.3, 0.5)}
+    assert res["cells"]["basis-sharing-update@0.3"]["coefficient_update"] is True
     for c in res["cells"].values():
         assert c["ppl"] > 0 and c["ppl_eval_text"] > 0 and c["seconds"] >= 0
         assert abs(c["achieved_ratio"] - c["target_ratio"]) < 0.02
@@ -35,7 +37,7 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     capsys.readouterr()
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("cached ppl") == 6 and "gradient statistics" not in out
+    assert out.count("cached ppl") == 8 and "gradient statistics" not in out
 
 
 def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
@@ -48,4 +50,4 @@ def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
     assert res["cells"]["soco-onerun@0.4"]["soco_trained_for"] == 0.3
     assert all(c["target_ratio"] <= c["achieved_ratio"] <= c["target_ratio"] + 0.005 for c in res["cells"].values())
     assert "soco-onerun" in (tmp_path / "quality_t.md").read_text()
-    assert quality.BENCH_METHODS["soco-shared"] == ("soco", 2, False)
+    assert quality.BENCH_METHODS["soco-shared"][:3] == ("soco", 2, False)
