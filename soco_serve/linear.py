@@ -23,6 +23,10 @@ Tensor parallelism mirrors vLLM's dense sharding:
 
 A shared basis is one ``Parameter`` registered on every layer of its group (vLLM counts it, and
 holds it, once).
+
+After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
+for decode batches); CPU layers hand every factor to oneDNN once, as vLLM's dense CPU layers do
+(:mod:`soco_serve.cpu_gemm`; a shared basis is packed once for its group).
 """
 
 from __future__ import annotations
