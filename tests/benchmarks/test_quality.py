@@ -31,7 +31,7 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
         assert abs(c["achieved_ratio"] - c["target_ratio"]) < 0.02
     assert "fisher" in res["prepare_seconds"]
     table = (tmp_path / "quality_t.md").read_text()
-    assert f"Perplexity on {text_file}" in table and "| fwsvd |" in table and "Seconds per cell" in table
+    assert f"Perplexity on {text_file}" in table and "| fwsvd |" in table and "Seconds to compress each cell" in table
     assert (tmp_path / "quality_t.png").stat().st_size > 1000
     # A second run computes nothing new: every cell comes from the cache.
     capsys.readouterr()
