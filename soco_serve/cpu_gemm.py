@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm import _custom_ops as ops
+from vllm.platforms import CpuArchEnum, current_platform
 
 from kernels import PackedExpand, Segment
 
@@ -26,18 +28,11 @@ PRIMITIVE_CACHE = 32
 
 def onednn_available() -> bool:
     """Whether this vLLM build has the oneDNN matmul ops (x86 and Arm CPU builds do)."""
-    try:
-        from vllm import _custom_ops as ops
-        from vllm.platforms import CpuArchEnum, current_platform
-    except ImportError:
-        return False
     return bool(getattr(ops, "_supports_onednn", False)) and current_platform.get_cpu_architecture() != CpuArchEnum.POWERPC
 
 
 def prepack(weight: torch.Tensor) -> Any:
     """A oneDNN matmul handler for ``y = x weightᵀ`` (``weight [out, in]``); it keeps its own copy."""
-    from vllm import _custom_ops as ops
-
     return ops.create_onednn_mm(weight.t(), PRIMITIVE_CACHE)
 
 
@@ -62,8 +57,6 @@ class OneDnnLowRank:
 
     def shrink_x(self, x: torch.Tensor) -> torch.Tensor:
         """``h = x v_catᵀ``: ``[..., in] -> [tokens, R]``."""
-        from vllm import _custom_ops as ops
-
         return ops.onednn_mm(self.shrink, x.reshape(-1, x.shape[-1]), None)
 
     def expand_h(self, h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -72,8 +65,6 @@ class OneDnnLowRank:
         oneDNN writes whole rows only, so a fused layer's blocks are computed apart and
         concatenated (one copy of the output, small beside the products).
         """
-        from vllm import _custom_ops as ops
-
         blocks = []
         for seg, handler in zip(self.segments, self.expand):
             h_j = h if len(self.expand) == 1 else h[:, seg.rank_offset : seg.rank_offset + seg.rank]
