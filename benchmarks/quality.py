@@ -8,7 +8,9 @@
 The dense model is loaded, evaluated and calibrated once; every (method, ratio) cell then
 decomposes from the same Gram statistics and is evaluated in memory (no checkpoint written).
 Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped.
-Writes ``benchmarks/results/quality_<name>.json``, ``.md`` and ``.png``. Perplexity is always
+Writes ``benchmarks/results/quality_<name>.json``, ``.md``, ``.png`` (perplexity against ratio) and
+``_ranks.png`` (the kept rank per layer and matrix type of every method at ``--rank-ratio``, to see
+where soco's learned ranks differ from svd-llm's uniform ones). Perplexity is always
 measured on the default text's evaluation split; ``--eval-text FILE`` adds a second perplexity
 on that file (another domain), in the JSON and the table.
 
@@ -46,6 +48,7 @@ from compress.pipeline import (  # noqa: E402
     compress_prepared,
     compress_prepared_ratios,
     prepare,
+    ranks_table,
 )
 from compress.soco import SocoConfig  # noqa: E402
 
@@ -81,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-text", default=None, help="a further evaluation text (.txt/.jsonl): a second perplexity")
     p.add_argument("--name", default="default", help="result file stem: quality_<name>.*")
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
+    p.add_argument("--rank-ratio", type=float, default=0.4, help="the ratio whose ranks _ranks.png compares")
     d = SocoConfig()
     p.add_argument("--soco-steps", type=int, default=d.steps, help="soco training steps")
     p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
         cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
                       "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
-                      "seconds": round(seconds, 1)}
+                      "seconds": round(seconds, 1), "ranks": ranks_table(manifest, prep.refs)}
         if extra_windows is not None:
             cells[key].update(eval_text=a.eval_text,
                               ppl_eval_text=evaluate.perplexity(compressed, extra_windows, progress=False).ppl)
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, methods, ratios, RESULTS / f"quality_{a.name}.md")
     plot(results, methods, ratios, RESULTS / f"quality_{a.name}.png")
+    plot_ranks(results, methods, a.rank_ratio, RESULTS / f"quality_{a.name}_ranks.png")
     print((RESULTS / f"quality_{a.name}.md").read_text())
     return 0
 
@@ -224,6 +229,47 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
     ax.set_title(results["model"].rsplit("/", 1)[-1])
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranks(results: dict, methods: list[str], ratio: float, path: Path) -> None:
+    """One panel per matrix type: kept rank against layer, one line per method at ``ratio``.
+
+    Matrices kept dense have no rank to draw (they store more than any factorization would) and
+    are left out of the lines. Nothing is written when no cell at ``ratio`` recorded its ranks
+    (cells cached before ranks were recorded).
+    """
+    cells = {m: results["cells"].get(cell_key(m, ratio), {}).get("ranks") for m in methods}
+    cells = {m: r for m, r in cells.items() if r}
+    if not cells:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(k for r in cells.values() for layer in r.values() for k in layer))
+    cols = min(4, len(kinds))
+    rows = -(-len(kinds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    for ax, kind in zip(axes.flat, kinds):
+        for m, ranks in cells.items():
+            pts = sorted((int(layer), r[kind]) for layer, r in ranks.items() if isinstance(r.get(kind), int))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=2, lw=1, label=m)
+        ax.set_title(kind, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(kinds):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("layer")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("kept rank")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{results['model'].rsplit('/', 1)[-1]}: kept rank per layer at ratio {ratio:g} "
+                 "(dense-kept matrices omitted)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -21,10 +21,13 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     methods = ("svd", "fwsvd", "asvd", "basis-sharing-update")
     argv = ["--model", str(tiny_llama), "--methods", ",".join(methods), "--ratios", "0.3,0.5",
             "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
-            "--name", "t"]
+            "--name", "t", "--rank-ratio", "0.5"]
     assert quality.main(argv) == 0
     res = json.loads((tmp_path / "quality_t.json").read_text())
     assert set(res["cells"]) == {f"{m}@{r}" for m in methods for r in (0.3, 0.5)}
+    ranks = res["cells"]["svd@0.5"]["ranks"]
+    assert len(ranks) >= 2 and set(ranks["0"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert (tmp_path / "quality_t_ranks.png").stat().st_size > 1000
     assert res["cells"]["basis-sharing-update@0.3"]["coefficient_update"] is True
     for c in res["cells"].values():
         assert c["ppl"] > 0 and c["ppl_eval_text"] > 0 and c["seconds"] >= 0
