@@ -18,7 +18,7 @@ Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``basis
 (the coefficient update at every ratio, not only from 0.4), ``soco-shared`` (soco on
 Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
 every ratio pruned from the same scores: what "any size from one run" costs against ``soco``,
-which trains once per ratio). A soco cell takes about 20 minutes on 2 CPU cores with the default
+which trains once per ratio). A soco cell takes about 8 minutes alone on 2 CPU cores with the default
 ``--soco-steps``; cells are recomputed when the soco settings differ from the cached ones.
 """
 
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing,basis-sharing-update",
-                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~20 min each)")
+                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~8 min each on 2 cores)")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6", help="comma-separated ratios")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=32)
