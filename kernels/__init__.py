@@ -15,6 +15,7 @@ from .lowrank import (
     lowrank_forward_torch,
     lowrank_silu_mul,
     pack_expand,
+    plan_segments,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "lowrank_forward_torch",
     "lowrank_silu_mul",
     "pack_expand",
+    "plan_segments",
 ]

@@ -188,6 +188,13 @@ def _check_factors(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> l
     return factors
 
 
+def plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int], row_align: int = 1) -> tuple[Segment, ...]:
+    """The segment table :func:`pack_expand` would build, without packing (for paths that keep
+    the factors apart, like the CPU's oneDNN handlers); same checks and errors."""
+    _check_factors(us, ranks)
+    return _plan_segments(us, ranks, row_align)
+
+
 def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int],
                    row_align: int = U_ROW_ALIGN) -> tuple[Segment, ...]:
     """Offsets of every segment in ``v_cat``, the output and the padded ``u_flat`` (checked inputs)."""

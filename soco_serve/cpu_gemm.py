@@ -20,7 +20,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.platforms import CpuArchEnum, current_platform
 
-from kernels import PackedExpand, Segment
+from kernels import Segment, plan_segments
 
 # Primitive cache entries per weight (one per distinct batch shape), as vLLM's dense layers use.
 PRIMITIVE_CACHE = 32
@@ -50,10 +50,11 @@ class OneDnnLowRank:
     total_out: int
 
     @classmethod
-    def build(cls, shrink: Any, packed: PackedExpand) -> OneDnnLowRank:
-        """Prepack ``packed``'s factors; keeps its segment table, not its buffer (free it after)."""
-        return cls(shrink, tuple(None if u is None else prepack(u) for u in packed.unpack()), packed.segments,
-                   packed.total_out)
+    def build(cls, shrink: Any, us: list[torch.Tensor | None], ranks: list[int]) -> OneDnnLowRank:
+        """Prepack every segment's ``U_j`` (None: identity), as :func:`kernels.pack_expand` takes them."""
+        segments = plan_segments(us, ranks)
+        return cls(shrink, tuple(None if u is None else prepack(u) for u in us), segments,
+                   sum(s.out_size for s in segments))
 
     def shrink_x(self, x: torch.Tensor) -> torch.Tensor:
         """``h = x v_catᵀ``: ``[..., in] -> [tokens, R]``."""

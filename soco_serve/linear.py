@@ -247,8 +247,6 @@ class SocoLowRankLinearMethod(LinearMethodBase):
             else:
                 us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
                 offset += part * r
-        # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
-        packed = pack_expand(us, layer.soco_ranks, U_ROW_ALIGN if layer.lowrank_u.is_cuda else 1)
         layer.soco_cpu = None
         if layer.lowrank_u.device.type == "cpu" and cpu_gemm.onednn_available():
             v = layer.lowrank_v
@@ -256,10 +254,12 @@ class SocoLowRankLinearMethod(LinearMethodBase):
             if shrink is None:
                 shrink = self.config.cpu_shrink[id(v)] = cpu_gemm.prepack(v.data)
                 v.data = v.data.new_empty(0)  # the handler holds the packed copy (a shared basis: once)
-            layer.soco_cpu = cpu_gemm.OneDnnLowRank.build(shrink, packed)
-            layer.lowrank_u = Parameter(packed.u_flat.new_empty(0), requires_grad=False)
+            layer.soco_cpu = cpu_gemm.OneDnnLowRank.build(shrink, us, list(layer.soco_ranks))
+            layer.lowrank_u = Parameter(layer.lowrank_u.data.new_empty(0), requires_grad=False)
             layer.soco_expand = None
             return
+        # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
+        packed = pack_expand(us, layer.soco_ranks, U_ROW_ALIGN if layer.lowrank_u.is_cuda else 1)
         # The packed buffer replaces the loaded one: the layer holds one copy of U.
         layer.lowrank_u = Parameter(packed.u_flat, requires_grad=False)
         layer.soco_expand = packed

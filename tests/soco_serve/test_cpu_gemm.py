@@ -20,16 +20,18 @@ def _layer(layout, in_features=40, seed=0):
     us = [None if r is None else torch.randn(out, r, generator=g) for out, r in layout]
     v_cat = torch.randn(sum(ranks), in_features, generator=g)
     bias = torch.randn(sum(out for out, _ in layout), generator=g)
-    return v_cat, pack_expand(us, ranks, 1), bias
+    return v_cat, us, ranks, bias
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_onednn_low_rank_matches_reference(layout, tokens, with_bias):
-    v_cat, packed, bias = _layer(LAYOUTS[layout])
+    v_cat, us, ranks, bias = _layer(LAYOUTS[layout])
     bias = bias if with_bias else None
-    layer = cpu_gemm.OneDnnLowRank.build(cpu_gemm.prepack(v_cat), packed)
+    layer = cpu_gemm.OneDnnLowRank.build(cpu_gemm.prepack(v_cat), us, ranks)
+    packed = pack_expand(us, ranks, 1)
+    assert layer.segments == packed.segments and layer.total_out == packed.total_out
     x = torch.randn(2, tokens, v_cat.shape[1])
     ref = lowrank_forward_reference(x, v_cat, packed, bias)
     y = layer(x, bias)
@@ -41,10 +43,10 @@ def test_onednn_low_rank_matches_reference(layout, tokens, with_bias):
 
 
 def test_handlers_own_their_copies():
-    v_cat, packed, _ = _layer(LAYOUTS["gate_up"])
+    v_cat, us, ranks, _ = _layer(LAYOUTS["gate_up"])
     x = torch.randn(3, v_cat.shape[1])
-    layer = cpu_gemm.OneDnnLowRank.build(cpu_gemm.prepack(v_cat), packed)
-    ref = lowrank_forward_reference(x, v_cat, packed)
-    v_cat.zero_()
-    packed.u_flat.zero_()  # the layer's own tensors may be released after packing
+    layer = cpu_gemm.OneDnnLowRank.build(cpu_gemm.prepack(v_cat), us, ranks)
+    ref = lowrank_forward_reference(x, v_cat, pack_expand(us, ranks, 1))
+    for t in (v_cat, *us):
+        t.zero_()  # the layer's own tensors may be released after packing
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-4, atol=1e-4)
