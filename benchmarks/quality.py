@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     assert prep.dense_ppl is not None and prep.eval_windows is not None
     extra_windows = None
     if a.eval_text:
-        extra_tokens = data.tokenize_stream(prep.tokenizer, data.load_text(a.eval_text, "evaluation"))
-        extra_windows = data.eval_windows(extra_tokens, a.seq_len, a.eval_windows)
+        extra_windows = data.text_eval_windows(prep.tokenizer, a.eval_text, a.seq_len, a.eval_windows)
         extra = evaluate.perplexity(prep.model, extra_windows, progress=False)
         results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
     results.update(
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, methods, ratios, RESULTS / f"quality_{a.name}.md")
     plot(results, methods, ratios, RESULTS / f"quality_{a.name}.png")
-    plot_ranks(results, methods, a.rank_ratio, RESULTS / f"quality_{a.name}_ranks.png")
+    plot_rank_comparison(results, methods, a.rank_ratio, RESULTS / f"quality_{a.name}_ranks.png")
     print((RESULTS / f"quality_{a.name}.md").read_text())
     return 0
 
@@ -234,7 +233,7 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
     plt.close(fig)
 
 
-def plot_ranks(results: dict, methods: list[str], ratio: float, path: Path) -> None:
+def plot_rank_comparison(results: dict, methods: list[str], ratio: float, path: Path) -> None:
     """One panel per matrix type: kept rank against layer, one line per method at ``ratio``.
 
     Matrices kept dense have no rank to draw (they store more than any factorization would) and

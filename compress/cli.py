@@ -182,8 +182,7 @@ def cmd_eval(argv: list[str]) -> int:
     if not a.dir.is_dir():
         raise FileNotFoundError(f"{a.dir}: folder not found")
     tok = AutoTokenizer.from_pretrained(a.dir)
-    windows = data.eval_windows(data.tokenize_stream(tok, data.load_text(a.eval_text, "evaluation")),
-                                a.seq_len, a.eval_windows)
+    windows = data.text_eval_windows(tok, a.eval_text, a.seq_len, a.eval_windows)
     res = perplexity(load_any(a.dir), windows, a.batch_size)
     if a.json:
         print(json.dumps({"ppl": res.ppl, "eval_tokens": res.tokens, "windows": res.windows}))

@@ -129,6 +129,11 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int = 0, what:
     return tokens[: n * seq_len].view(n, seq_len)
 
 
+def text_eval_windows(tokenizer, src: str | None, seq_len: int, max_windows: int = 0) -> torch.Tensor:
+    """:func:`eval_windows` of an evaluation text (``src`` as :func:`load_text` takes it)."""
+    return eval_windows(tokenize_stream(tokenizer, load_text(src, "evaluation")), seq_len, max_windows)
+
+
 def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
     """``n_windows`` random windows of ``seq_len`` tokens (seeded), ``[n, seq_len]``."""
     if n_windows < 1:

@@ -310,8 +310,7 @@ def prepare(cfg: CompressConfig, timer: Timer, need_grams: bool | None = None) -
                         sum(p.numel() for p in model.parameters()))  # tied weights once
     if cfg.evaluate:
         with timer.stage("evaluate_dense"):
-            eval_tokens = data.tokenize_stream(tok, data.load_text(cfg.eval_text, "evaluation"))
-            prep.eval_windows = data.eval_windows(eval_tokens, cfg.seq_len, cfg.eval_windows)
+            prep.eval_windows = data.text_eval_windows(tok, cfg.eval_text, cfg.seq_len, cfg.eval_windows)
             prep.dense_ppl = evaluate.perplexity(model, prep.eval_windows, progress=cfg.progress, desc="evaluate dense")
     if need_grams if need_grams is not None else (METHODS[cfg.method].needs_grams or cfg.refit):
         with timer.stage("calibrate"):
