@@ -25,8 +25,9 @@ A shared basis is one ``Parameter`` registered on every layer of its group (vLLM
 holds it, once).
 
 After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
-for decode batches); CPU layers hand every factor to oneDNN once, as vLLM's dense CPU layers do
-(:mod:`soco_serve.cpu_gemm`; a shared basis is packed once for its group).
+for decode batches); float32 CPU layers pack theirs into the panels of the fused CPU kernel
+(:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared basis is packed
+once for its group), as vLLM's dense CPU layers prepack theirs for oneDNN.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from kernels import lowrank_expand, lowrank_forward, pack_expand
+from kernels import cpu_lowrank, lowrank_expand, lowrank_forward, pack_expand
 from kernels.lowrank import U_ROW_ALIGN
-from soco_serve import cpu_gemm
 from soco_serve.layout import CheckpointError, LinearEntry, Manifest
 
 logger = init_logger("vllm.soco_serve.linear")
@@ -80,8 +80,9 @@ class SocoLinearConfig(QuantizationConfig):
         self.shared_v: dict[tuple[Any, ...], Parameter] = {}
         # basis id -> the (layer, segment index) pairs whose shrink rows hold it, one per distinct tensor
         self.basis_targets: dict[str, list[tuple[LinearBase, int]]] = {}
-        # id of a shrink Parameter -> its prepacked oneDNN handler (CPU): a shared one is packed once
-        self.cpu_shrink: dict[int, Any] = {}
+        # id of a loaded shrink Parameter -> (that Parameter, kept so the id stays its own; its
+        # panels for the CPU kernel; its shape): a shared basis is packed once
+        self.cpu_shrink: dict[int, tuple[Parameter, Parameter, tuple[int, int]]] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -238,7 +239,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
     # -- after loading, and the forward -----------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Pack the expand factors into one buffer (CUDA: padded for the Triton kernels), or on a
-        CPU prepack every factor for oneDNN (see :mod:`soco_serve.cpu_gemm`)."""
+        CPU pack every factor into the fused CPU kernel's panels (see :mod:`kernels.cpu_lowrank`)."""
         us: list[torch.Tensor | None] = []
         offset = 0
         for s, part, r in zip(self.segments, layer.soco_out_parts, layer.soco_ranks):
@@ -248,14 +249,19 @@ class SocoLowRankLinearMethod(LinearMethodBase):
                 us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
                 offset += part * r
         layer.soco_cpu = None
-        if layer.lowrank_u.device.type == "cpu" and cpu_gemm.onednn_available():
-            v = layer.lowrank_v
-            shrink = self.config.cpu_shrink.get(id(v))
-            if shrink is None:
-                shrink = self.config.cpu_shrink[id(v)] = cpu_gemm.prepack(v.data)
-                v.data = v.data.new_empty(0)  # the handler holds the packed copy (a shared basis: once)
-            layer.soco_cpu = cpu_gemm.OneDnnLowRank.build(shrink, us, list(layer.soco_ranks))
-            layer.lowrank_u = Parameter(layer.lowrank_u.data.new_empty(0), requires_grad=False)
+        v = layer.lowrank_v
+        if v.device.type == "cpu" and v.dtype == torch.float32 and cpu_lowrank.available():
+            # The panels replace the loaded factors: the layer holds one copy of each, and a shared
+            # basis is packed once, into one Parameter, for its whole group.
+            cached = self.config.cpu_shrink.get(id(v))
+            if cached is None:
+                panels = Parameter(cpu_lowrank.pack_panels(v.data), requires_grad=False)
+                cached = self.config.cpu_shrink[id(v)] = (v, panels, tuple(v.shape))
+                v.data = v.data.new_empty(0)
+            _, panels, v_shape = cached
+            layer.soco_cpu = cpu_lowrank.CpuLowRank.build(panels.data, v_shape, us, list(layer.soco_ranks))
+            layer.lowrank_v = panels
+            layer.lowrank_u = Parameter(layer.soco_cpu.u, requires_grad=False)
             layer.soco_expand = None
             return
         # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
@@ -273,7 +279,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         if cpu is not None:
-            h = tensor_model_parallel_all_reduce(cpu.shrink_x(x))
-            return cpu.expand_h(h, layer.bias).view(*x.shape[:-1], -1)
+            h = tensor_model_parallel_all_reduce(cpu.shrink(x))
+            return cpu.expand(h, layer.bias).view(*x.shape[:-1], -1)
         h = tensor_model_parallel_all_reduce(torch.matmul(x, layer.lowrank_v.t()))
         return lowrank_expand(h, layer.soco_expand, layer.bias)
