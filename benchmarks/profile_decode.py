@@ -33,7 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Profiler op names, by group (first match wins); anything else is "other".
 GROUPS = {
-    "linear": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "onednn_mm", "weight_packed_linear"),
+    "linear": ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "onednn_mm", "weight_packed_linear",
+               "soco_cpu::"),
     "attention": ("attn", "attention", "paged", "kv_cache", "reshape_and_cache", "rotary"),
 }
 
@@ -46,14 +47,15 @@ def group_of(op: str) -> str:
     return "other"
 
 
-def profile_one(model: str, load_format: str | None, batch: int, tokens: int, input_len: int) -> dict:
+def profile_one(model: str, load_format: str | None, batch: int, tokens: int, input_len: int,
+                compile: bool = False) -> dict:
     """Run in a child process: one model, warm-up, then one profiled generate."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, load_format=load_format or "auto", dtype="float32", enforce_eager=True,
+    llm = LLM(model=model, load_format=load_format or "auto", dtype="float32", enforce_eager=not compile,
               max_model_len=4096, kv_cache_memory_bytes=256 * 2**20, distributed_executor_backend="uni", seed=0)
     prompts = [{"prompt_token_ids": [(17 * i + 31 * j) % 5000 + 100 for j in range(input_len)]} for i in range(batch)]
     params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
@@ -75,7 +77,7 @@ def profile_one(model: str, load_format: str | None, batch: int, tokens: int, in
     top = sorted(ops, key=lambda o: -o[1])[:15]
     return {
         "model": model, "load_format": load_format or "auto", "batch": batch, "tokens": tokens, "input_len": input_len,
-        "threads": torch.get_num_threads(), "ms_per_step": round(wall / steps, 3),
+        "threads": torch.get_num_threads(), "compiled": compile, "ms_per_step": round(wall / steps, 3),
         "profiled_ms_per_step_by_group": {g: round(ms / steps, 3) for g, ms in sorted(groups.items())},
         "profiled_share_by_group": {g: round(ms / profiled, 3) for g, ms in sorted(groups.items())},
         "top_ops": [{"op": n, "ms_per_step": round(ms / steps, 3), "calls_per_step": round(c / steps, 1)}
@@ -91,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--name", default="cpu", help="result file stem: profile_<name>.json")
+    p.add_argument("--compile", action="store_true",
+                   help="vLLM's default torch.compile mode (slower start) instead of --enforce-eager")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "LOAD_FORMAT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         model, fmt = a.child
-        result = profile_one(model, None if fmt == "auto" else fmt, a.batch, a.tokens, a.input_len)
+        result = profile_one(model, None if fmt == "auto" else fmt, a.batch, a.tokens, a.input_len, a.compile)
         print("PROFILE " + json.dumps(result), flush=True)
         return 0
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for model, fmt in runs:
         cmd = [sys.executable, __file__, "--child", model, fmt, "--batch", str(a.batch), "--tokens", str(a.tokens),
-               "--input-len", str(a.input_len)]
+               "--input-len", str(a.input_len), *(["--compile"] if a.compile else [])]
         proc = subprocess.run(cmd, env={**os.environ, **CPU_ENV}, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROFILE ")]
         if proc.returncode or not lines:

@@ -5,7 +5,8 @@
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
-with the same flags (soco_serve.server.CPU_FLAGS) and driven by ``vllm bench serve`` (random
+with the same flags (soco_serve.server.CPU_FLAGS, in vLLM's default torch.compile mode unless
+``--enforce-eager``: what a user serving for throughput runs) and driven by ``vllm bench serve`` (random
 prompts, fixed seed, ``--ignore-eos`` so every request generates the same number of tokens).
 Records output tokens/s, time to first token and time per output token (medians), the weight
 memory (soco: what the loader reports; dense: its safetensors files, same dtype), and each
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-dir", type=Path, default=ROOT / "runs" / "serving", help="where checkpoints are made/reused")
     p.add_argument("--name", default="cpu", help="result file stem: serving_<name>.*")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="serve with --enforce-eager (no torch.compile: faster start, 2-3x slower decode on CPU)")
     p.add_argument("--omp-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND for the servers (e.g. '0' = one thread on core 0, leaving "
                         "the other core to the load generator); default: vLLM's own choice")
@@ -87,19 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     from compress.models import default_model_dir
 
     levels = [int(c) for c in a.concurrency.split(",")]
+    flags = list(CPU_FLAGS) if a.enforce_eager else [f for f in CPU_FLAGS if f != "--enforce-eager"]
     models: list[tuple[str, str | None, Path]] = [("dense", None, default_model_dir())]
     for method in a.methods.split(","):
         for ratio in a.ratios.split(","):
             models.append((f"{method}@{ratio}", "soco", ensure_checkpoint(a.ckpt_dir, method, ratio)))
+    import torch
+
+    from kernels.benchmarking import device_name
+
     results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "platform": platform.platform()},
-               "flags": list(CPU_FLAGS), "omp_bind": a.omp_bind, "input_len": a.input_len, "output_len": a.output_len,
+                           "platform": platform.platform(), "device": device_name(torch.device("cpu")),
+                           "isa": torch.backends.cpu.get_cpu_capability()},
+               "compiled": not a.enforce_eager,
+               "flags": flags, "omp_bind": a.omp_bind, "input_len": a.input_len, "output_len": a.output_len,
                "num_prompts": {str(c): num_prompts(a, c) for c in levels}, "runs": {}}
     for label, load_format, path in models:
         log = a.ckpt_dir / f"serve-{label}.log"
         t0 = time.perf_counter()
         env = {"VLLM_CPU_OMP_THREADS_BIND": a.omp_bind} if a.omp_bind else None
-        with VllmServer(path, load_format=load_format, log_path=log, env=env) as server:
+        with VllmServer(path, load_format=load_format, args=flags, log_path=log, env=env) as server:
             entry = {"path": str(path), "startup_s": round(time.perf_counter() - t0, 1), "levels": {}}
             for c in levels:
                 entry["levels"][str(c)] = bench(server, str(path), c, a, a.ckpt_dir / f"bench-{label}-c{c}.json")
@@ -148,7 +158,8 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(1.0, color="gray", lw=1, label="dense")
     ax.set_xlabel("compression ratio (decoder linear parameters removed)")
     ax.set_ylabel("output tokens/s relative to dense")
-    ax.set_title(f"vllm serve on {results['machine']['processor']} ({results['machine']['cpus']} CPUs)")
+    mode = "torch.compile" if results.get("compiled") else "--enforce-eager"
+    ax.set_title(f"vllm serve ({mode}) on {results['machine']['processor']} ({results['machine']['cpus']} CPUs)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -125,23 +125,42 @@ class CpuLowRank:
         return cls(v, u_flat, meta, segments, in_features, rank_total, sum(s.out_size for s in segments))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x2d = self._rows(x)
-        y = torch.ops.soco_cpu.lowrank(x2d, self.v, self.u, self.meta, bias, self.rank_total, self.out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+        return forward(x, self.v, self.u, self.meta, bias, self.rank_total, self.out_features)
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
-        """``h = x v_catᵀ``: ``[..., in] -> [tokens, rank_total]`` (row-parallel TP reduces ``h``)."""
-        return torch.ops.soco_cpu.shrink(self._rows(x), self.v, self.rank_total)
+        return shrink(x, self.v, self.rank_total)
 
     def expand(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Each segment's ``h_j U_jᵀ`` (+ bias) in its block: ``[tokens, rank_total] -> [tokens, out]``."""
-        return torch.ops.soco_cpu.expand(h, self.u, self.meta, bias, self.out_features)
+        return expand(h, self.u, self.meta, bias, self.out_features)
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must be [..., {self.in_features}], got {tuple(x.shape)}")
-        x2d = x.reshape(-1, self.in_features)
-        return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+# The ops, on explicit tensors: a vLLM layer passes its own Parameters and buffers, so that
+# torch.compile sees them as the module's state (never as constants baked into a graph).
+
+
+def forward(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+            rank_total: int, out_features: int) -> torch.Tensor:
+    """``y = expand(x v_catᵀ) + bias``: ``x [..., in] -> [..., out_features]``, one kernel call."""
+    y = torch.ops.soco_cpu.lowrank(_rows(x, v.numel() // rank_total), v, u, meta, bias, rank_total, out_features)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def shrink(x: torch.Tensor, v: torch.Tensor, rank_total: int) -> torch.Tensor:
+    """``h = x v_catᵀ``: ``[..., in] -> [tokens, rank_total]`` (row-parallel TP all-reduces ``h``)."""
+    return torch.ops.soco_cpu.shrink(_rows(x, v.numel() // rank_total), v, rank_total)
+
+
+def expand(h: torch.Tensor, u: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+           out_features: int) -> torch.Tensor:
+    """Each segment's ``h_j U_jᵀ`` (+ bias) in its block: ``[tokens, rank_total] -> [tokens, out_features]``."""
+    return torch.ops.soco_cpu.expand(h, u, meta, bias, out_features)
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., {in_features}], got {tuple(x.shape)}")
+    x2d = x.reshape(-1, in_features)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
 def _register_fakes(namespace: str) -> None:

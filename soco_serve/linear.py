@@ -248,7 +248,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
             else:
                 us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
                 offset += part * r
-        layer.soco_cpu = None
+        layer.soco_cpu = None  # CPU kernel: (rank_total, out_features)
         v = layer.lowrank_v
         if v.device.type == "cpu" and v.dtype == torch.float32 and cpu_lowrank.available():
             # The panels replace the loaded factors: the layer holds one copy of each, and a shared
@@ -259,9 +259,13 @@ class SocoLowRankLinearMethod(LinearMethodBase):
                 cached = self.config.cpu_shrink[id(v)] = (v, panels, tuple(v.shape))
                 v.data = v.data.new_empty(0)
             _, panels, v_shape = cached
-            layer.soco_cpu = cpu_lowrank.CpuLowRank.build(panels.data, v_shape, us, list(layer.soco_ranks))
+            cpu = cpu_lowrank.CpuLowRank.build(panels.data, v_shape, us, list(layer.soco_ranks))
             layer.lowrank_v = panels
-            layer.lowrank_u = Parameter(layer.soco_cpu.u, requires_grad=False)
+            layer.lowrank_u = Parameter(cpu.u, requires_grad=False)
+            layer.register_buffer("soco_meta", cpu.meta, persistent=False)
+            layer.soco_cpu = (cpu.rank_total, cpu.out_features)
+            logger.info_once("soco: low-rank layers run the fused CPU kernel (%s)",
+                             torch.backends.cpu.get_cpu_capability())
             layer.soco_expand = None
             return
         # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
@@ -273,13 +277,17 @@ class SocoLowRankLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         cpu = layer.soco_cpu
         if not layer.soco_reduce:
-            return cpu(x, bias) if cpu is not None else lowrank_forward(x, layer.lowrank_v, layer.soco_expand, bias)
+            if cpu is not None:
+                return cpu_lowrank.forward(x, layer.lowrank_v, layer.lowrank_u, layer.soco_meta, bias, *cpu)
+            return lowrank_forward(x, layer.lowrank_v, layer.soco_expand, bias)
         # Row-parallel under TP: reduce the rank-sized partial products, then expand on every
         # rank; the bias (which vLLM passes on rank 0 only) is added everywhere.
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         if cpu is not None:
-            h = tensor_model_parallel_all_reduce(cpu.shrink(x))
-            return cpu.expand(h, layer.bias).view(*x.shape[:-1], -1)
+            rank_total, out_features = cpu
+            h = tensor_model_parallel_all_reduce(cpu_lowrank.shrink(x, layer.lowrank_v, rank_total))
+            y = cpu_lowrank.expand(h, layer.lowrank_u, layer.soco_meta, layer.bias, out_features)
+            return y.view(*x.shape[:-1], out_features)
         h = tensor_model_parallel_all_reduce(torch.matmul(x, layer.lowrank_v.t()))
         return lowrank_expand(h, layer.soco_expand, layer.bias)

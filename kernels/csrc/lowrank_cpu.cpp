@@ -23,7 +23,12 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -164,24 +169,68 @@ void panel_copy(const Panels& a, int64_t p, int64_t t0, int64_t t1) {
     for (int64_t j = n0; j < n1; ++j) a.y[t * a.ldy + j] = a.x[t * a.ldx + j] + (a.bias ? a.bias[j] : 0.f);
 }
 
-// Every panel of every matrix for all tokens, split over the threads: work item = (token
-// chunk, panel), consecutive items share the chunk so its inputs stay in cache.
-void run_all(const std::vector<Panels>& mats, int64_t tokens) {
+// One phase of a layer: every panel of every matrix, for all tokens, as work items (token
+// chunk, panel). Consecutive items share the chunk, so its inputs stay in cache while panels
+// stream by; each thread takes a contiguous run of items of about equal cost.
+struct Work {
+  std::vector<Panels> mats;
+  int64_t tokens = 0;
   std::vector<int64_t> first{0};  // first global panel of each matrix
-  for (const auto& a : mats) first.push_back(first.back() + a.count());
-  int64_t k_max = 1;
-  for (const auto& a : mats) k_max = std::max(k_max, a.k);
-  const int64_t chunk = std::max<int64_t>(MR, CHUNK_FLOATS / k_max / MR * MR);
-  const int64_t panels = first.back(), chunks = (tokens + chunk - 1) / chunk;
-  at::parallel_for(0, chunks * panels, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i / panels, g = i % panels;
-      const int64_t j = std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1;
-      const int64_t t0 = c * chunk, t1 = std::min(tokens, t0 + chunk);
-      if (mats[j].w) panel_product(mats[j], g - first[j], t0, t1);
-      else panel_copy(mats[j], g - first[j], t0, t1);
+  int64_t chunk = MR, panels = 0;
+  std::vector<double> cost{0.0};  // prefix sums of the items' costs (bytes and flops: width * k * rows)
+
+  Work(std::vector<Panels> m, int64_t t) : mats(std::move(m)), tokens(t) {
+    int64_t k_max = 1;
+    for (const auto& a : mats) {
+      first.push_back(first.back() + a.count());
+      k_max = std::max(k_max, a.k);
     }
-  });
+    panels = first.back();
+    chunk = std::max<int64_t>(MR, CHUNK_FLOATS / k_max / MR * MR);
+    for (int64_t i = 0; i < items(); ++i) {
+      const auto [j, p, t0, t1] = locate(i);
+      const int64_t width = std::min(PANEL, mats[j].n - p * PANEL);
+      cost.push_back(cost.back() + static_cast<double>(width) * std::max<int64_t>(mats[j].k, 1) * (t1 - t0));
+    }
+  }
+  int64_t items() const { return panels * ((tokens + chunk - 1) / chunk); }
+  std::tuple<int64_t, int64_t, int64_t, int64_t> locate(int64_t i) const {  // matrix, its panel, tokens
+    const int64_t c = i / panels, g = i % panels;
+    const int64_t j = std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1;
+    return {j, g - first[j], c * chunk, std::min(tokens, (c + 1) * chunk)};
+  }
+  void run(int64_t i) const {
+    const auto [j, p, t0, t1] = locate(i);
+    if (mats[j].w) panel_product(mats[j], p, t0, t1);
+    else panel_copy(mats[j], p, t0, t1);
+  }
+  int64_t begin(int64_t thread, int64_t threads) const {  // first item of `thread`
+    return std::lower_bound(cost.begin(), cost.end(), cost.back() * thread / threads) - cost.begin();
+  }
+};
+
+// The phases in order (the expand reads what the shrink wrote) in ONE parallel region with a
+// barrier between them: at decode sizes a fork/join per phase costs as much as a small layer.
+void run_phases(const std::vector<const Work*>& phases) {
+#ifdef _OPENMP
+  const int threads = at::get_num_threads();
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
+      for (size_t q = 0; q < phases.size(); ++q) {
+        if (q > 0) {
+#pragma omp barrier
+        }
+        const Work& w = *phases[q];
+        for (int64_t i = w.begin(tid, n), end = w.begin(tid + 1, n); i < end; ++i) w.run(i);
+      }
+    }
+    return;
+  }
+#endif
+  for (const Work* w : phases)
+    for (int64_t i = 0; i < w->items(); ++i) w->run(i);
 }
 
 void check_x(const at::Tensor& x, int64_t k, const char* what) {
@@ -196,22 +245,20 @@ void check_factor(const at::Tensor& t, int64_t numel, const char* what) {
   TORCH_CHECK(t.numel() >= numel, "soco_cpu: ", what, " holds ", t.numel(), " floats, needs ", numel);
 }
 
-// h [tokens, R] = x v_catᵀ with v_cat packed as panels (R outputs, `in` inputs).
-at::Tensor shrink(const at::Tensor& x, const at::Tensor& v, int64_t rank_total) {
+// The shrink's work: h [tokens, R] = x v_catᵀ with v_cat packed as panels (R outputs, `in` inputs).
+Work shrink_work(const at::Tensor& x, const at::Tensor& v, int64_t rank_total, at::Tensor& h) {
   const int64_t in = x.size(1);
   check_x(x, in, "x");
   check_factor(v, rank_total * in, "v (shrink panels)");
-  auto h = at::empty({x.size(0), rank_total}, x.options());
-  if (x.size(0) == 0) return h;
-  run_all({Panels{v.data_ptr<float>(), rank_total, in, x.data_ptr<float>(), x.stride(0), h.data_ptr<float>(),
-                  rank_total, nullptr}},
-          x.size(0));
-  return h;
+  h = at::empty({x.size(0), rank_total}, x.options());
+  return Work({Panels{v.data_ptr<float>(), rank_total, in, x.data_ptr<float>(), x.stride(0), h.data_ptr<float>(),
+                      rank_total, nullptr}},
+              x.size(0));
 }
 
-// y [tokens, out_features] = each segment's h_j U_jᵀ (an identity segment: h_j), + bias.
-at::Tensor expand(const at::Tensor& h, const at::Tensor& u, const at::Tensor& meta, const std::optional<at::Tensor>& bias,
-                  int64_t out_features) {
+// The expand's work: y [tokens, out_features] = each segment's h_j U_jᵀ (identity: h_j), + bias.
+Work expand_work(const at::Tensor& h, const at::Tensor& u, const at::Tensor& meta,
+                 const std::optional<at::Tensor>& bias, int64_t out_features, at::Tensor& y) {
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == 6 && meta.scalar_type() == at::kInt && meta.is_contiguous(),
               "soco_cpu: meta must be a contiguous int32 [6, segments] table");
   const int64_t S = meta.size(1);
@@ -224,8 +271,7 @@ at::Tensor expand(const at::Tensor& h, const at::Tensor& u, const at::Tensor& me
                 "soco_cpu: bias must be a contiguous float32 [", out_features, "]");
   }
   TORCH_CHECK(u.is_contiguous() && u.scalar_type() == at::kFloat, "soco_cpu: u must be contiguous float32");
-  auto y = at::empty({h.size(0), out_features}, h.options());
-  if (h.size(0) == 0) return y;
+  y = at::empty({h.size(0), out_features}, h.options());
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   std::vector<Panels> mats;
   for (int64_t s = 0; s < S; ++s) {
@@ -236,13 +282,31 @@ at::Tensor expand(const at::Tensor& h, const at::Tensor& u, const at::Tensor& me
     mats.push_back(Panels{ident ? nullptr : u.data_ptr<float>() + uoff, osz, rank, h.data_ptr<float>() + roff,
                           h.stride(0), y.data_ptr<float>() + ooff, out_features, bp ? bp + ooff : nullptr});
   }
-  run_all(mats, h.size(0));
+  return Work(std::move(mats), h.size(0));
+}
+
+at::Tensor shrink(const at::Tensor& x, const at::Tensor& v, int64_t rank_total) {
+  at::Tensor h;
+  const Work w = shrink_work(x, v, rank_total, h);
+  run_phases({&w});
+  return h;
+}
+
+at::Tensor expand(const at::Tensor& h, const at::Tensor& u, const at::Tensor& meta, const std::optional<at::Tensor>& bias,
+                  int64_t out_features) {
+  at::Tensor y;
+  const Work w = expand_work(h, u, meta, bias, out_features, y);
+  run_phases({&w});
   return y;
 }
 
 at::Tensor lowrank(const at::Tensor& x, const at::Tensor& v, const at::Tensor& u, const at::Tensor& meta,
                    const std::optional<at::Tensor>& bias, int64_t rank_total, int64_t out_features) {
-  return expand(shrink(x, v, rank_total), u, meta, bias, out_features);
+  at::Tensor h, y;
+  const Work w1 = shrink_work(x, v, rank_total, h);
+  const Work w2 = expand_work(h, u, meta, bias, out_features, y);
+  run_phases({&w1, &w2});
+  return y;
 }
 
 }  // namespace

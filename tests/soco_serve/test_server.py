@@ -137,6 +137,42 @@ def test_compressed_checkpoint_behind_the_openai_api(bs03_ckpt, tmp_path):
     assert in_memory < dense_bytes * 0.8
 
 
+def _perturbed(ckpt: Path, dst: Path) -> Path:
+    """A copy of ``ckpt`` at ``dst`` whose first expand factor is halved (another valid model)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ckpt, dst, dirs_exist_ok=True)
+    index = json.loads((dst / INDEX_FILE).read_text())["weight_map"]
+    name = next(n for n in sorted(index) if n.endswith(".lowrank_u"))
+    tensors = load_file(dst / index[name])
+    tensors[name] = tensors[name] * 0.5
+    save_file(tensors, dst / index[name], metadata={"format": "pt"})
+    return dst
+
+
+def test_compiled_server_matches_eager(bs03_ckpt, tmp_path):
+    """vLLM's default CPU mode (torch.compile, its graph cached across starts) serves what eager
+    mode serves, and a changed checkpoint at the same path is never answered from the cache."""
+    compiled = [f for f in CPU_FLAGS if f != "--enforce-eager"]
+    path = tmp_path / "ckpt"
+    for round_, ckpt in enumerate((bs03_ckpt, _perturbed(bs03_ckpt, tmp_path / "perturbed"))):
+        if path.exists():
+            shutil.rmtree(path)
+        shutil.copytree(ckpt, path)
+        with VllmServer(path, log_path=tmp_path / f"eager{round_}.log") as s:
+            ref = greedy(s, PROMPTS[:4], 24, logprobs=1)
+        with VllmServer(path, args=compiled, log_path=tmp_path / f"compiled{round_}.log") as s:
+            got = greedy(s, PROMPTS[:4], 24, logprobs=1)
+            assert "fused CPU kernel" in s.log()
+        for p, a, b in zip(PROMPTS, ref, got):
+            assert b.logprobs.tokens == a.logprobs.tokens, (round_, p)
+            for la, lb in zip(a.logprobs.token_logprobs, b.logprobs.token_logprobs):
+                assert abs(la - lb) < 1e-3, (round_, p)
+        if round_ == 0:
+            first = [a.text for a in ref]
+    assert [a.text for a in ref] != first, "the perturbed checkpoint should answer differently"
+
+
 def test_tensor_parallel_2_matches_tp_1(tiny_bs_ckpt, tmp_path):
     prompts = PROMPTS[:3]
     with VllmServer(tiny_bs_ckpt, log_path=tmp_path / "tp1.log") as s:
