@@ -190,7 +190,7 @@ def _check_factors(us: Sequence[torch.Tensor | None], ranks: Sequence[int]) -> l
 
 def plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int], row_align: int = 1) -> tuple[Segment, ...]:
     """The segment table :func:`pack_expand` would build, without packing (for paths that keep
-    the factors apart, like the CPU's oneDNN handlers); same checks and errors."""
+    the factors in their own layout, like the CPU kernel's panels); same checks and errors."""
     _check_factors(us, ranks)
     return _plan_segments(us, ranks, row_align)
 

@@ -1,9 +1,11 @@
 """Start and stop a real ``vllm serve`` on 127.0.0.1 (the demo, the tests and the benchmarks use it).
 
-CPU defaults, and why (measured on a 2-core AVX2 machine, see the platform notes):
+CPU defaults, and why (measured on 2-core x86_64 machines, see the platform notes):
 
 * ``--dtype float32``: no native bf16 on such CPUs; float32 decodes about 3x faster;
-* ``--enforce-eager``: torch.compile adds 30 s or more to start-up;
+* ``--enforce-eager``: torch.compile adds 30 s or more to start-up, which the tests and the demo
+  (a handful of requests) never win back; for throughput drop it (vLLM's compiled mode decodes
+  2-3x faster on CPU; ``benchmarks/serving.py`` does);
 * ``--kv-cache-memory-bytes 256M --max-model-len 4096``: a fixed, small KV cache (vLLM refuses to
   start when one request of the full context would not fit: SmolLM2 at 8192 tokens needs 0.35 GiB);
 * ``--distributed-executor-backend uni`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one process;
