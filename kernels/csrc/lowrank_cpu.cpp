@@ -94,6 +94,10 @@ constexpr int64_t MR = 4;
 constexpr int64_t PANEL = 32;            // outputs per panel: must equal PANEL in kernels/cpu_lowrank.py
 constexpr int64_t NV = PANEL / Vec::W;   // vectors per panel row
 constexpr int64_t CHUNK_FLOATS = 1 << 17;  // inputs per work item (512 KB: they stay in L2 while panels stream)
+// Panel rows fetched ahead of use. With several tokens per row the loop spends more time per byte
+// and the hardware prefetcher alone falls behind: 16 rows ahead (2 KB) made the 30-layer stack
+// about 10 % faster at 4-32 tokens on the project's EPYC (AVX-512), no change at 1 token.
+constexpr int64_t PREFETCH_ROWS = 16;
 
 // One matrix in panel layout, and where its product goes.
 struct Panels {
@@ -113,6 +117,13 @@ template <int R, bool FULL>
 inline void accumulate(const float* x, int64_t ldx, const float* panel, int64_t k, int64_t width,
                        const typename Vec::Mask* mask, typename Vec::T (&acc)[R][NV]) {
   for (int64_t i = 0; i < k; ++i) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    {  // both cache lines of the row PREFETCH_ROWS ahead (past the panel's end: a harmless no-op)
+      const char* pf = reinterpret_cast<const char*>(panel + (i + PREFETCH_ROWS) * (FULL ? PANEL : width));
+      _mm_prefetch(pf, _MM_HINT_T0);
+      _mm_prefetch(pf + 64, _MM_HINT_T0);
+    }
+#endif
     typename Vec::T xb[R];
     for (int m = 0; m < R; ++m) xb[m] = Vec::bcast(x[m * ldx + i]);
     const float* row = panel + i * (FULL ? PANEL : width);
