@@ -7,15 +7,17 @@
 
 The dense model is loaded, evaluated and calibrated once; every (method, ratio) cell then
 decomposes from the same Gram statistics and is evaluated in memory (no checkpoint written).
-Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped.
+Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped (a run
+with another model, calibration or evaluation setting than the file's starts the file afresh).
 Writes ``benchmarks/results/quality_<name>.json``, ``.md``, ``.png`` (perplexity against ratio) and
 ``_ranks.png`` (the kept rank per layer and matrix type of every method at ``--rank-ratio``, to see
 where soco's learned ranks differ from svd-llm's uniform ones). Perplexity is always
 measured on the default text's evaluation split; ``--eval-text FILE`` adds a second perplexity
 on that file (another domain), in the JSON and the table.
 
-Methods are the compressor's (``--group-size 2`` for basis-sharing) plus ``basis-sharing-update``
-(the coefficient update at every ratio, not only from 0.4), ``soco-shared`` (soco on
+Methods are the compressor's at its defaults (basis-sharing: groups of 2, with its coefficient
+update) plus ``basis-sharing-noupdate`` (no coefficient update: the paper's released code),
+``soco-shared`` (soco on
 Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
 every ratio pruned from the same scores: what "any size from one run" costs against ``soco``,
 which trains once per ratio). A soco cell takes about 8 minutes alone on 2 CPU cores with the default
@@ -65,7 +67,7 @@ class BenchMethod(NamedTuple):
 
 BENCH_METHODS = {
     **{m: BenchMethod(m, 2 if m == "basis-sharing" else 1) for m in METHODS if m != "soco"},
-    "basis-sharing-update": BenchMethod("basis-sharing", 2, coefficient_update="on"),
+    "basis-sharing-noupdate": BenchMethod("basis-sharing", 2, coefficient_update="off"),
     "soco": BenchMethod("soco"),
     "soco-shared": BenchMethod("soco", 2),
     "soco-onerun": BenchMethod("soco", one_run=True),
@@ -75,12 +77,12 @@ BENCH_METHODS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing,basis-sharing-update",
+    p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing,basis-sharing-noupdate",
                    help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~8 min each on 2 cores)")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6", help="comma-separated ratios")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows, help="(the compressor's default)")
+    p.add_argument("--eval-windows", type=int, default=CompressConfig.eval_windows)
+    p.add_argument("--seq-len", type=int, default=CompressConfig.seq_len)
     p.add_argument("--eval-text", default=None, help="a further evaluation text (.txt/.jsonl): a second perplexity")
     p.add_argument("--name", default="default", help="result file stem: quality_<name>.*")
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
@@ -106,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         if m not in BENCH_METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {sorted(BENCH_METHODS)}")
     results = {} if a.fresh or not out_json.exists() else json.loads(out_json.read_text())
+    setting = {"calib_windows": a.calib_windows, "eval_windows": a.eval_windows, "seq_len": a.seq_len}
+    stale = {k: (results[k], v) for k, v in setting.items() if k in results and results[k] != v}
+    if stale:
+        print(f"{out_json} was made with other settings ({stale}, (file, now)): starting it afresh", flush=True)
+        results = {}
     cells = results.setdefault("cells", {})
     soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
@@ -113,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer()
     print("preparing: load, dense perplexity, calibration statistics ...", flush=True)
     prep = prepare(base, timer, need_grams=True)
+    if results.get("model", str(prep.source)) != str(prep.source):
+        print(f"{out_json} holds cells of {results['model']}: starting it afresh", flush=True)
+        results = {"cells": {}}
+        cells = results["cells"]
     assert prep.dense_ppl is not None and prep.eval_windows is not None
     extra_windows = None
     if a.eval_text:
@@ -127,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     dense_model = prep.model
     soco_settings = asdict(soco_cfg)
 
-    def cached(key: str, method: str) -> bool:
-        c = cells.get(key)
-        return (c is not None and (BENCH_METHODS[method][0] != "soco" or c.get("soco_settings") == soco_settings)
+    def config(method: str, ratio: float) -> CompressConfig:
+        name, group_size, _, update = BENCH_METHODS[method]
+        return replace(base, method=name, ratio=ratio, group_size=group_size, coefficient_update=update)
+
+    def cached(method: str, ratio: float) -> bool:
+        c = cells.get(cell_key(method, ratio))
+        return (c is not None and (BENCH_METHODS[method].method != "soco" or c.get("soco_settings") == soco_settings)
+                and c.get("coefficient_update") == config(method, ratio).refit
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, manifest, dec, cfg: CompressConfig, seconds: float) -> None:
@@ -153,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
     for method in methods:
-        name, group_size, one_run, update = BENCH_METHODS[method]
-        todo = [r for r in ratios if not cached(cell_key(method, r), method)]
+        name, one_run = BENCH_METHODS[method].method, BENCH_METHODS[method].one_run
+        todo = [r for r in ratios if not cached(method, r)]
         if todo and METHODS[name].needs_fisher and prep.fisher is None:
             print("gradient statistics for fwsvd ...", flush=True)
             add_fisher(prep, base, timer)
@@ -163,15 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             if r not in todo:
                 print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
         if one_run and todo:  # one training run, every ratio (cached ones too: same scores for all)
-            cfg = replace(base, method=name, ratio=min(ratios), ratios=tuple(ratios), group_size=group_size,
-                          coefficient_update=update)
+            cfg = replace(config(method, min(ratios)), ratios=tuple(ratios))
             t0 = time.perf_counter()
             outs = compress_prepared_ratios(prep, cfg, Timer())
             for r, (manifest, dec) in zip(ratios, outs):
                 record(cell_key(method, r), method, r, manifest, dec, cfg, time.perf_counter() - t0)
             continue
         for ratio in todo:
-            cfg = replace(base, method=name, ratio=ratio, group_size=group_size, coefficient_update=update)
+            cfg = config(method, ratio)
             t0 = time.perf_counter()
             prep.model = copy.deepcopy(dense_model) if cfg.refit else dense_model
             manifest, dec = compress_prepared(prep, cfg, Timer())

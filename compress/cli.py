@@ -79,7 +79,8 @@ def compress_parser() -> argparse.ArgumentParser:
                    help="basis-sharing: matrix types that share a basis (others stay private)")
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",
                    help="basis-sharing: refit each layer's coefficients on the compressed model's own "
-                        "activations; auto = on at ratio >= 0.4")
+                        "activations (slower: about a minute per 32 calibration windows on 2 cores); auto = on "
+                        "unless --full-rank")
     m.add_argument("--asvd-alpha", type=float, default=0.5,
                    help="asvd: input channels are scaled by (mean |activation|)^ALPHA before truncation")
     m.add_argument("--force-factorize", action="store_true",
@@ -115,7 +116,7 @@ def compress_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=None, metavar="SRC",
                    help="calibration text (.txt, .jsonl, or 'wikitext2'); default: the calibration split "
                         "of the embedded Wikipedia sample")
-    c.add_argument("--calib-windows", type=int, default=32,
+    c.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows,
                    help="random windows of --seq-len tokens (the papers: 256 windows of 2048)")
     c.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     c.add_argument("--seed", type=int, default=0, help="seed for the calibration windows")

@@ -18,7 +18,7 @@ def quality(tmp_path, monkeypatch):
 
 
 def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_path, capsys):
-    methods = ("svd", "fwsvd", "asvd", "basis-sharing-update")
+    methods = ("svd", "fwsvd", "asvd", "basis-sharing", "basis-sharing-noupdate")
     argv = ["--model", str(tiny_llama), "--methods", ",".join(methods), "--ratios", "0.3,0.5",
             "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--eval-text", str(text_file),
             "--name", "t", "--rank-ratio", "0.5"]
@@ -28,7 +28,8 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     ranks = res["cells"]["svd@0.5"]["ranks"]
     assert len(ranks) >= 2 and set(ranks["0"]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert (tmp_path / "quality_t_ranks.png").stat().st_size > 1000
-    assert res["cells"]["basis-sharing-update@0.3"]["coefficient_update"] is True
+    assert res["cells"]["basis-sharing@0.3"]["coefficient_update"] is True  # the compressor's default
+    assert res["cells"]["basis-sharing-noupdate@0.3"]["coefficient_update"] is False
     for c in res["cells"].values():
         assert c["ppl"] > 0 and c["ppl_eval_text"] > 0 and c["seconds"] >= 0
         assert abs(c["achieved_ratio"] - c["target_ratio"]) < 0.02
@@ -40,7 +41,18 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     capsys.readouterr()
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("cached ppl") == 8 and "gradient statistics" not in out
+    assert out.count("cached ppl") == 10 and "gradient statistics" not in out
+
+
+def test_other_settings_start_the_file_afresh(quality, tiny_llama, text_file, tmp_path, capsys):
+    argv = ["--model", str(tiny_llama), "--methods", "svd", "--ratios", "0.3", "--eval-windows", "1",
+            "--seq-len", "64", "--name", "t"]
+    assert quality.main([*argv, "--calib-windows", "2"]) == 0
+    capsys.readouterr()
+    assert quality.main([*argv, "--calib-windows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "starting it afresh" in out and "cached ppl" not in out
+    assert json.loads((tmp_path / "quality_t.json").read_text())["calib_windows"] == 3
 
 
 def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
