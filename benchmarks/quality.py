@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -53,6 +52,7 @@ from compress.pipeline import (  # noqa: E402
     ranks_table,
 )
 from compress.soco import SocoConfig  # noqa: E402
+from kernels.benchmarking import device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = evaluate.perplexity(prep.model, extra_windows, progress=False)
         results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
     results.update(
-        model=str(prep.source), device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        model=str(prep.source), device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
         calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len,
         eval_tokens=prep.dense_ppl.tokens, ppl_dense=prep.dense_ppl.ppl, prepare_seconds=timer.seconds,
     )
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
         cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
                       "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
-                      "seconds": round(seconds, 1), "ranks": ranks_table(manifest, prep.refs)}
+                      "seconds": round(seconds, 1), "device": results["device"], "ranks": ranks_table(manifest, prep.refs)}
         if extra_windows is not None:
             cells[key].update(eval_text=a.eval_text,
                               ppl_eval_text=evaluate.perplexity(compressed, extra_windows, progress=False).ppl)
@@ -218,8 +218,10 @@ def write_table(results: dict, methods: list[str], ratios: list[float], path: Pa
     if results.get("eval_text"):
         lines += ["", f"Perplexity on {results['eval_text']}, {results['eval_text_tokens']:,} tokens "
                       f"(dense {results['ppl_dense_eval_text']:.2f}).", "", *table("ppl_eval_text", ".2f")]
+    devices = sorted({c.get("device", "a CPU not recorded") for c in results["cells"].values()})
     lines += ["", f"Seconds to compress each cell (decomposition, plus the coefficient update or soco training "
-                  f"where used; evaluation excluded; {results['threads']} threads on {results['device']}).",
+                  f"where used; evaluation excluded; {results['threads']} threads on {' and '.join(devices)}"
+                  f"{': each cell names its own in the JSON' if len(devices) > 1 else ''}).",
               "", *table("seconds", ".0f")]
     path.write_text("\n".join(lines) + "\n")
 

@@ -11,8 +11,9 @@ prompts, fixed seed, ``--ignore-eos`` so every request generates the same number
 Records output tokens/s, time to first token and time per output token (medians), the weight
 memory (soco: what the loader reports; dense: its safetensors files, same dtype), and each
 figure's ratio to dense. ``svd-llm`` checkpoints hold private factors, ``basis-sharing`` ones
-shared bases. Quality does not matter here:
-the compression settings are the defaults of ``soco-compress``.
+shared bases. Quality does not matter here: speed depends on the ranks alone, so the
+checkpoints are made from 8 calibration windows of 256 tokens, otherwise at the defaults of
+``soco-compress``.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.
 """

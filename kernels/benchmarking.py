@@ -78,13 +78,20 @@ def lowrank_for_ratio(
 
 
 def device_name(device: torch.device) -> str:
-    """Human-readable name: the GPU's (``NVIDIA H100 80GB HBM3``) or the CPU model."""
+    """Human-readable name: the GPU's (``NVIDIA H100 80GB HBM3``) or the CPU model.
+
+    Virtual machines often report a bare ``AMD EPYC`` for several generations that differ twofold
+    in speed, so the CPU's family number goes into the name (``CPU AMD EPYC (family 25)``): result
+    files from two generations then get two names instead of overwriting each other.
+    """
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "model name" in fields:
+            family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
+            return f"CPU {fields['model name']}{family}"
     except OSError:
         pass
     return "CPU " + (platform.processor() or platform.machine())
