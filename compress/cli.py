@@ -79,8 +79,8 @@ def compress_parser() -> argparse.ArgumentParser:
                    help="basis-sharing: matrix types that share a basis (others stay private)")
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",
                    help="basis-sharing: refit each layer's coefficients on the compressed model's own "
-                        "activations (slower: about a minute per 32 calibration windows on 2 cores); auto = on "
-                        "unless --full-rank")
+                        "activations (slower: about 3 minutes for the default 64 calibration windows on 2 "
+                        "cores); auto = on unless --full-rank")
     m.add_argument("--asvd-alpha", type=float, default=0.5,
                    help="asvd: input channels are scaled by (mean |activation|)^ALPHA before truncation")
     m.add_argument("--force-factorize", action="store_true",

@@ -8,6 +8,7 @@ import torch
 from compress.cli import main
 from compress.hf_loader import LowRankLinear, load_soco_model
 from compress.models import load_model
+from compress.pipeline import CompressConfig
 from soco_serve.layout import CheckpointReader
 
 COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
@@ -86,6 +87,20 @@ def test_coefficient_update_refits_only_the_shared_coefficients(tiny_llama, text
         same = torch.equal(off.get(name), on.get(name))
         shared_u = name.endswith(".lowrank_u") and off.manifest.linears[name.rpartition(".")[0]].kind == "shared"
         assert same != shared_u, name
+
+
+@pytest.mark.parametrize("method, mode, full_rank, refit", [
+    ("basis-sharing", "auto", False, True),  # the default, at every ratio
+    ("basis-sharing", "auto", True, False),  # full-rank factors are exact: nothing to refit
+    ("basis-sharing", "on", True, True),
+    ("basis-sharing", "off", False, False),  # the paper's released code
+    ("svd-llm", "on", False, False),  # private factors: no shared coefficients
+])
+def test_coefficient_update_modes(method, mode, full_rank, refit, tmp_path):
+    for ratio in (0.2, 0.5):
+        cfg = CompressConfig(model=None, output=tmp_path, method=method, ratio=ratio,
+                             coefficient_update=mode, full_rank=full_rank)
+        assert cfg.refit is refit
 
 
 def _fails(argv, capsys, *needles):
