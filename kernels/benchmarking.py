@@ -78,23 +78,29 @@ def lowrank_for_ratio(
 
 
 def device_name(device: torch.device) -> str:
-    """Human-readable name: the GPU's (``NVIDIA H100 80GB HBM3``) or the CPU model.
-
-    Virtual machines often report a bare ``AMD EPYC`` for several generations that differ twofold
-    in speed, so the CPU's family number goes into the name (``CPU AMD EPYC (family 25)``): result
-    files from two generations then get two names instead of overwriting each other.
-    """
+    """Human-readable name: the GPU's (``NVIDIA H100 80GB HBM3``) or the CPU's (:func:`cpu_name`)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        if "model name" in fields:
-            family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
-            return f"CPU {fields['model name']}{family}"
+        return cpu_name(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine())
+        return "CPU " + (platform.processor() or platform.machine())
+
+
+def cpu_name(cpuinfo: str) -> str:
+    """``CPU <model name> (family <cpu family>)`` from the text of ``/proc/cpuinfo``.
+
+    Virtual machines often report a bare ``AMD EPYC`` for generations that differ twofold in
+    speed, so the family number goes into the name: result files from two generations then get
+    two names instead of overwriting each other.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
+    return f"CPU {fields.get('model name') or platform.processor() or platform.machine()}{family}"
 
 
 def device_slug(name: str) -> str:

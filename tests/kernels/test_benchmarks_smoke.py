@@ -33,3 +33,12 @@ def test_quick_mode_writes_results(script, extra, tmp_path, capsys):
     assert payload["environment"]["device"].startswith("CPU") and payload["results"]
     assert all(row["time_us" if script == "kernel_bench" else "tokens_per_s"] > 0 for row in payload["results"])
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cpu_name_tells_cpu_families_apart():
+    from kernels.benchmarking import cpu_name
+
+    info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+    assert cpu_name(info.format(25)) == "CPU AMD EPYC (family 25)"
+    assert cpu_name(info.format(26)) != cpu_name(info.format(25))
+    assert cpu_name("model name\t: Some ARM core\n") == "CPU Some ARM core"
