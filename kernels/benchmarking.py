@@ -82,9 +82,10 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        return cpu_name(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return "CPU " + (platform.processor() or platform.machine())
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: cpu_name falls back to the platform's name
+        cpuinfo = ""
+    return cpu_name(cpuinfo)
 
 
 def cpu_name(cpuinfo: str) -> str:
