@@ -11,9 +11,18 @@ one flat buffer plus the segment table, both as Python ints (the torch path) and
 tensor on the buffer's device (the Triton kernels, which must not sync with the host).
 
 :func:`lowrank_forward` is the entry point. It sends small CUDA batches (decode) to the Triton
-kernels in :mod:`kernels.triton_lowrank` and everything else to :func:`lowrank_forward_torch`,
-which is also the CPU serving path. :func:`lowrank_expand` is the expand half alone (row-parallel
-layers under tensor parallelism) and :func:`lowrank_silu_mul` a gate/up layer with its activation.
+kernels in :mod:`kernels.triton_lowrank` and everything else to :func:`lowrank_forward_torch`.
+:func:`lowrank_expand` is the expand half alone (row-parallel layers under tensor parallelism)
+and :func:`lowrank_silu_mul` a gate/up layer with its activation.
+
+The three run as the custom ops ``torch.ops.soco_lowrank.{forward, expand}``, as vLLM's own
+Triton-backed layers do. vLLM traces a model once, with a symbolic token count, and drops
+Dynamo's guards, so a Python branch on the token count would be decided once at trace time (for
+the largest batch: the torch path) and the decode kernels would never run; and Dynamo cannot
+trace the torch path's products written into column blocks of one output (``out=`` views), which
+vLLM's whole-graph compile would reject. Inside an op the branch runs on every call, with the
+real count; torch.compile sees one opaque node of known output shape, and a CUDA graph captures
+whichever kernels the captured size picks.
 
 This module imports neither Triton nor vLLM, so it works on machines without a GPU; Triton is
 imported on the first CUDA call.
@@ -81,8 +90,9 @@ class PackedExpand:
     u_flat: torch.Tensor = field(repr=False)
     """1-D; ``U_j`` row-major with padded rows at ``segments[j].u_offset`` (empty if all are identity)."""
     segments: tuple[Segment, ...]
-    meta: torch.Tensor = field(init=False, repr=False)
-    """int32 ``[len(META_FIELDS), num_segments]`` on ``u_flat.device``: the table for Triton."""
+    meta: torch.Tensor | None = field(default=None, repr=False)
+    """int32 ``[len(META_FIELDS), num_segments]`` on ``u_flat.device``: the table for Triton.
+    Built from ``segments`` when not given (given: a layer's own buffer, no host-to-device copy)."""
     expand_t: tuple[torch.Tensor | None, ...] = field(init=False, repr=False)
     """``U_jᵀ`` as ``[rank, out_size]`` views of ``u_flat`` (None for identity): the torch path."""
     total_rank: int = field(init=False)
@@ -100,11 +110,21 @@ class PackedExpand:
             if not seg.identity and (seg.u_stride < seg.rank or end > self.u_flat.numel()):
                 numel = self.u_flat.numel()
                 raise ValueError(f"PackedExpand: segment {j} ({seg}) does not fit u_flat of {numel} elements")
-        rows = list(zip(*(s.as_row() for s in self.segments)))
-        self.meta = torch.tensor(rows, dtype=torch.int32, device=self.u_flat.device)
+        if self.meta is None:
+            rows = list(zip(*(s.as_row() for s in self.segments)))
+            self.meta = torch.tensor(rows, dtype=torch.int32, device=self.u_flat.device)
+        elif self.meta.shape != (len(META_FIELDS), len(self.segments)):
+            raise ValueError(f"PackedExpand.meta must be [{len(META_FIELDS)}, {len(self.segments)}] "
+                             f"for {len(self.segments)} segments, got {tuple(self.meta.shape)}")
         self.expand_t = tuple(None if s.identity else self._u_view(s).t() for s in self.segments)
         self.total_rank = sum(s.rank for s in self.segments)
         self.total_out = sum(s.out_size for s in self.segments)
+
+    @property
+    def table(self) -> tuple[int, ...]:
+        """The segment table as Python ints, segment after segment (each in :data:`META_FIELDS`
+        order): how the ops receive the segments (:func:`segments_from_table` reads it back)."""
+        return tuple(v for s in self.segments for v in s.as_row())
 
     def _u_view(self, seg: Segment) -> torch.Tensor:
         padded = self.u_flat[seg.u_offset : seg.u_offset + seg.out_size * seg.u_stride]
@@ -135,6 +155,15 @@ class PackedExpand:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedExpand:
         """A copy on ``device`` and/or in ``dtype`` (the segment table stays int32)."""
         return PackedExpand(self.u_flat.to(device=device, dtype=dtype), self.segments)
+
+
+@functools.cache
+def segments_from_table(table: tuple[int, ...]) -> tuple[Segment, ...]:
+    """The segments of :attr:`PackedExpand.table` (cached: a layer's table is the same every call)."""
+    n = len(META_FIELDS)
+    if not table or len(table) % n:
+        raise ValueError(f"a segment table holds {n} ints per segment, got {len(table)}")
+    return tuple(Segment(*table[i : i + n - 1], bool(table[i + n - 1])) for i in range(0, len(table), n))
 
 
 def pack_expand(us: Sequence[torch.Tensor | None], ranks: Sequence[int], row_align: int = U_ROW_ALIGN) -> PackedExpand:
@@ -251,17 +280,12 @@ def lowrank_forward(
 
     CUDA inputs with at most :data:`TRITON_MAX_TOKENS` tokens run the Triton decode kernels (one
     launch for all segments, or a cuBLAS shrink and one launch, see :mod:`kernels.triton_lowrank`);
-    everything else runs :func:`lowrank_forward_torch`. CUDA-graph safe: no host syncs and no
+    everything else runs :func:`lowrank_forward_torch`. The choice is made at run time, also
+    under torch.compile (see the module docstring). CUDA-graph safe: no host syncs and no
     data-dependent shapes.
     """
     check_inputs(x, v_cat, packed, bias)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    backend = _triton_backend() if packed.kernel_aligned and x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
-    if backend is not None:
-        y = backend.launch(x2d, v_cat, packed, bias)
-    else:
-        y = _torch_forward_2d(x2d, v_cat, packed, bias)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], packed.total_out)
+    return _forward(x, v_cat, packed, bias, gated=False)
 
 
 def lowrank_silu_mul(
@@ -276,15 +300,34 @@ def lowrank_silu_mul(
     """
     check_inputs(x, v_cat, packed, bias)
     check_gated(packed)
+    return _forward(x, v_cat, packed, bias, gated=True)
+
+
+def _forward(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
+             gated: bool) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    backend = _triton_backend() if packed.kernel_aligned and x.is_cuda and x2d.shape[0] <= TRITON_MAX_TOKENS else None
+    y = torch.ops.soco_lowrank.forward(x2d, v_cat, packed.u_flat, packed.meta, bias, packed.table, gated)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _forward_2d(x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
+                gated: bool) -> torch.Tensor:
+    """The dispatch on the real token count (inside the op on CUDA)."""
+    backend = _decode_backend(x2d, packed)
     if backend is not None:
-        y = backend.launch(x2d, v_cat, packed, bias, gated=True)
-    else:
-        gate_up = _torch_forward_2d(x2d, v_cat, packed, bias)
-        gate, up = gate_up.split(packed.segments[0].out_size, dim=-1)
-        y = torch.nn.functional.silu(gate).mul_(up)
-    return y.view(*x.shape[:-1], packed.segments[0].out_size)
+        return backend.launch(x2d, v_cat, packed, bias, gated=gated)
+    y = _torch_forward_2d(x2d, v_cat, packed, bias)
+    if not gated:
+        return y
+    gate, up = y.split(packed.segments[0].out_size, dim=-1)
+    return torch.nn.functional.silu(gate).mul_(up)
+
+
+def _decode_backend(rows: torch.Tensor, packed: PackedExpand) -> ModuleType | None:
+    """The Triton module for a decode-sized CUDA batch (``rows [tokens, ...]``) on aligned factors, else None."""
+    if packed.kernel_aligned and rows.is_cuda and rows.shape[0] <= TRITON_MAX_TOKENS:
+        return _triton_backend()
+    return None
 
 
 def check_gated(packed: PackedExpand) -> None:
@@ -325,10 +368,14 @@ def lowrank_expand(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | N
     if h.dim() < 1 or h.shape[-1] != packed.total_rank:
         raise ValueError(f"lowrank_expand: h has {h.shape[-1]} columns, the packed factors expect {packed.total_rank}")
     _check_bias_and_kinds(h, "h", packed, bias)
-    h2d = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
-    backend = _triton_backend() if packed.kernel_aligned and h.is_cuda and h2d.shape[0] <= TRITON_MAX_TOKENS else None
-    y = backend.launch_expand(h2d, packed, bias) if backend is not None else _expand_2d(h2d, packed, bias)
-    return y if h.dim() == 2 else y.view(*h.shape[:-1], packed.total_out)
+    h2d = h.reshape(-1, h.shape[-1])
+    y = torch.ops.soco_lowrank.expand(h2d, packed.u_flat, packed.meta, bias, packed.table)
+    return y.view(*h.shape[:-1], packed.total_out)
+
+
+def _expand_dispatch_2d(h2d: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> torch.Tensor:
+    backend = _decode_backend(h2d, packed)
+    return backend.launch_expand(h2d, packed, bias) if backend is not None else _expand_2d(h2d, packed, bias)
 
 
 def _expand_2d(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> torch.Tensor:
@@ -374,3 +421,42 @@ def _triton_backend() -> ModuleType | None:
         logger.warning("Triton unavailable (%s): low-rank layers use the torch path on CUDA too", exc)
         return None
     return triton_lowrank
+
+
+# The CUDA entry points as custom ops (see the module docstring), defined the way vLLM defines
+# its own (a Library fragment, an implementation for every backend, a fake for the shapes). The
+# packed factors travel as the tensors ``u_flat`` and ``meta`` plus the Python-int table.
+OP_NAMESPACE = "soco_lowrank"
+_LIB = torch.library.Library(OP_NAMESPACE, "DEF")
+_LIB.define("forward(Tensor x, Tensor v_cat, Tensor u_flat, Tensor meta, Tensor? bias, int[] table, bool gated) -> Tensor")
+_LIB.define("expand(Tensor h, Tensor u_flat, Tensor meta, Tensor? bias, int[] table) -> Tensor")
+
+
+def _unpack_op_args(u_flat: torch.Tensor, meta: torch.Tensor, table: Sequence[int]) -> PackedExpand:
+    return PackedExpand(u_flat, segments_from_table(tuple(table)), meta)
+
+
+def _forward_op(x2d: torch.Tensor, v_cat: torch.Tensor, u_flat: torch.Tensor, meta: torch.Tensor,
+                bias: torch.Tensor | None, table: Sequence[int], gated: bool) -> torch.Tensor:
+    return _forward_2d(x2d, v_cat, _unpack_op_args(u_flat, meta, table), bias, gated)
+
+
+def _expand_op(h2d: torch.Tensor, u_flat: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+               table: Sequence[int]) -> torch.Tensor:
+    y = _expand_dispatch_2d(h2d, _unpack_op_args(u_flat, meta, table), bias)
+    return y.clone() if y is h2d else y  # an op's output never aliases its input (one identity segment)
+
+
+def _forward_fake(x2d, v_cat, u_flat, meta, bias, table, gated):  # noqa: ANN001, ANN202 (the op's schema types them)
+    segments = segments_from_table(tuple(table))
+    return x2d.new_empty(x2d.shape[0], segments[0].out_size if gated else sum(s.out_size for s in segments))
+
+
+def _expand_fake(h2d, u_flat, meta, bias, table):  # noqa: ANN001, ANN202
+    return h2d.new_empty(h2d.shape[0], sum(s.out_size for s in segments_from_table(tuple(table))))
+
+
+_LIB.impl("forward", _forward_op, "CompositeExplicitAutograd")
+_LIB.impl("expand", _expand_op, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{OP_NAMESPACE}::forward", _forward_fake, lib=_LIB)
+torch.library.register_fake(f"{OP_NAMESPACE}::expand", _expand_fake, lib=_LIB)

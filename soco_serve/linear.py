@@ -25,7 +25,8 @@ A shared basis is one ``Parameter`` registered on every layer of its group (vLLM
 holds it, once).
 
 After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
-for decode batches); float32 CPU layers pack theirs into the panels of the fused CPU kernel
+for decode batches, chosen per call inside a custom op, so that vLLM's one compiled graph keeps
+that choice for every batch size); float32 CPU layers pack theirs into the panels of the fused CPU kernel
 (:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared basis is packed
 once for its group), as vLLM's dense CPU layers prepack theirs for oneDNN.
 """

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import PackedExpand, pack_expand
+from kernels import PackedExpand, lowrank_forward, lowrank_silu_mul, pack_expand
 
 _MODULE_FILE = Path(kernels.__file__).with_name("triton_lowrank.py")
 
@@ -129,3 +129,26 @@ def make_layer() -> Callable[..., Layer]:
 def check_close() -> Callable[..., None]:
     """:func:`assert_close`."""
     return assert_close
+
+
+class Linear(torch.nn.Module):
+    """Holds its factors as a vLLM layer does: ``V`` a Parameter, the pack a plain attribute."""
+
+    def __init__(self, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None, gated: bool = False):
+        super().__init__()
+        self.v = torch.nn.Parameter(v_cat, requires_grad=False)
+        self.packed, self.bias, self.gated = packed, bias, gated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (lowrank_silu_mul if self.gated else lowrank_forward)(x, self.v, self.packed, self.bias)
+
+
+def compiled_graphs(module: torch.nn.Module) -> tuple[Callable[..., torch.Tensor], list[torch.fx.GraphModule]]:
+    """``module`` compiled as vLLM compiles a model (whole graph), and the FX graphs Dynamo made."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(module, backend=backend, fullgraph=True), graphs

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from kernels import TRITON_MAX_TOKENS, lowrank_expand, lowrank_forward, lowrank_forward_reference, lowrank_silu_mul
 
+from .conftest import Linear
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
@@ -95,6 +97,28 @@ def test_cuda_graph_replay(make_layer, check_close):
         graph.replay()
         torch.cuda.synchronize()
         check_close(y, _reference(layer, x))
+
+
+def test_compiled_layer_runs_triton_for_decode(triton_lowrank, make_layer, check_close, monkeypatch):
+    """As vLLM runs a layer: compiled once with inductor (token dimension dynamic, traced at a
+    prefill size), then called at decode sizes. The Triton kernels must run for those (the token
+    count is read inside the op, at run time), and the prefill size must not reach them."""
+    launched: list[int] = []
+    real_launch = triton_lowrank.launch
+
+    def launch(x2d, *args, **kwargs):
+        launched.append(x2d.shape[0])
+        return real_launch(x2d, *args, **kwargs)
+
+    monkeypatch.setattr(triton_lowrank, "launch", launch)
+    layer = make_layer(576, [(576, 230), (192, 115), (192, 115)], dtype=BF16, device="cuda", bias=True)
+    step = torch.compile(Linear(layer.v_cat, layer.packed, layer.bias), fullgraph=True)
+    for i, tokens in enumerate((700, 2, 8, TRITON_MAX_TOKENS)):
+        x = torch.randn(tokens, 576, device="cuda", dtype=BF16)
+        if i == 0:
+            torch._dynamo.mark_dynamic(x, 0)
+        check_close(step(x), _reference(layer, x))
+    assert launched == [2, 8, TRITON_MAX_TOKENS]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16], ids=str)
