@@ -64,6 +64,13 @@ class BenchMethod(NamedTuple):
     one_run: bool = False  # soco: one training run for every ratio
     coefficient_update: str = "auto"
 
+    def cli_args(self) -> list[str]:
+        """The ``soco-compress`` flags that make this row's checkpoint (serving.py serves them)."""
+        if self.one_run:
+            raise ValueError("a one-run row prunes several ratios from one training run; pass soco several --ratio")
+        return ["--method", self.method, "--group-size", str(self.group_size),
+                "--coefficient-update", self.coefficient_update]
+
 
 BENCH_METHODS = {
     **{m: BenchMethod(m, 2 if m == "basis-sharing" else 1) for m in METHODS if m != "soco"},

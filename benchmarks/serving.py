@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/serving.py          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
     .venv/bin/python benchmarks/serving.py --methods basis-sharing --ratios 0.5 --concurrency 1,8
+    .venv/bin/python benchmarks/serving.py --methods soco,soco-shared --ratios 0.5   # learned ranks
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
@@ -10,10 +11,12 @@ with the same flags (soco_serve.server.CPU_FLAGS, in vLLM's default torch.compil
 prompts, fixed seed, ``--ignore-eos`` so every request generates the same number of tokens).
 Records output tokens/s, time to first token and time per output token (medians), the weight
 memory (soco: what the loader reports; dense: its safetensors files, same dtype), and each
-figure's ratio to dense. ``svd-llm`` checkpoints hold private factors, ``basis-sharing`` ones
-shared bases. Quality does not matter here: speed depends on the ranks alone, so the
-checkpoints are made from 8 calibration windows of 256 tokens, otherwise at the defaults of
-``soco-compress``.
+figure's ratio to dense. Methods are the rows of ``benchmarks/quality.py``: ``svd-llm`` checkpoints
+hold private factors, ``basis-sharing`` ones shared bases, ``soco`` private factors with learned
+per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared bases. Speed depends on
+the ranks alone; where the ratio fixes them (every method but soco) the checkpoints are made from 8
+calibration windows of 256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8
+minutes each on 2 cores), since its ranks are learned from the calibration data.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality import BENCH_METHODS  # noqa: E402
 from soco_serve.server import CPU_FLAGS, VllmServer, vllm_executable  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,7 +44,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="svd-llm,basis-sharing", help="comma-separated compression methods")
+    p.add_argument("--methods", default="svd-llm,basis-sharing",
+                   help=f"comma-separated rows of benchmarks/quality.py, one checkpoint per ratio each; known: "
+                        f"{', '.join(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated max concurrency levels")
     p.add_argument("--num-prompts", type=int, default=None,
@@ -58,14 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def compress_args(method: str, ratio: str) -> list[str]:
+    """``soco-compress`` flags for a checkpoint to time. Speed depends on the ranks alone: where
+    they follow from the ratio a small calibration set is enough; soco learns them from the
+    calibration data, so it gets the compressor's defaults."""
+    row = BENCH_METHODS[method]
+    calib = [] if row.method == "soco" else ["--calib-windows", "8", "--seq-len", "256"]
+    return [*row.cli_args(), "--ratio", ratio, *calib, "--no-eval", "--no-progress"]
+
+
 def ensure_checkpoint(ckpt_dir: Path, method: str, ratio: str) -> Path:
-    """A checkpoint to time. Speed depends on the ranks alone, which for svd-llm and basis-sharing
-    follow from the ratio, so a small calibration set is enough here."""
     out = ckpt_dir / f"{method}-{ratio}"
     if not (out / "soco_manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(out), "--force", "--method", method,
-                        "--ratio", ratio, "--calib-windows", "8", "--seq-len", "256", "--no-eval", "--no-progress"],
-                       check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(out), "--force",
+                        *compress_args(method, ratio)], check=True, cwd=ROOT)
     return out
 
 
@@ -92,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = [int(c) for c in a.concurrency.split(",")]
     flags = list(CPU_FLAGS) if a.enforce_eager else [f for f in CPU_FLAGS if f != "--enforce-eager"]
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in BENCH_METHODS or BENCH_METHODS[m].one_run]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: "
+                         f"{sorted(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
     models: list[tuple[str, str | None, Path]] = [("dense", None, default_model_dir())]
-    for method in a.methods.split(","):
+    for method in methods:
         for ratio in a.ratios.split(","):
             models.append((f"{method}@{ratio}", "soco", ensure_checkpoint(a.ckpt_dir, method, ratio)))
     import torch
@@ -123,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not load_format:
             entry["weight_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         if load_format:
+            entry["method"] = label.split("@")[0]
             entry["report"] = {k: json.loads((path / "report.json").read_text())[k]
                                for k in ("method", "achieved_ratio", "model_ratio")}
         results["runs"][label] = entry
@@ -147,14 +165,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in results["runs"].items() if "report" in v}
-    methods = sorted({v["report"]["method"] for v in runs.values()})
+    for k, v in runs.items():  # files written before rows were named
+        v.setdefault("method", k.split("@")[0])
+    methods = sorted({v["method"] for v in runs.values()})
     levels = list(results["runs"]["dense"]["levels"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for method in methods:
         for c in levels:
             pts = sorted((v["report"]["achieved_ratio"], v["levels"][c]["throughput_vs_dense"])
-                         for v in runs.values() if v["report"]["method"] == method)
-            ax.plot(*zip(*pts), marker="o", ls="-" if method == "basis-sharing" else "--",
+                         for v in runs.values() if v["method"] == method)
+            ax.plot(*zip(*pts), marker="o", ls="-" if "shar" in method else "--",
                     label=f"{method}, concurrency {c}")
     ax.axhline(1.0, color="gray", lw=1, label="dense")
     ax.set_xlabel("compression ratio (decoder linear parameters removed)")
