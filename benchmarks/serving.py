@@ -98,17 +98,17 @@ def num_prompts(a: argparse.Namespace, concurrency: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = [m for m in methods if m not in BENCH_METHODS or BENCH_METHODS[m].one_run]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: "
+                         f"{sorted(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     a.ckpt_dir.mkdir(parents=True, exist_ok=True)
     from compress.models import default_model_dir
 
     levels = [int(c) for c in a.concurrency.split(",")]
     flags = list(CPU_FLAGS) if a.enforce_eager else [f for f in CPU_FLAGS if f != "--enforce-eager"]
-    methods = [m for m in a.methods.split(",") if m]
-    unknown = [m for m in methods if m not in BENCH_METHODS or BENCH_METHODS[m].one_run]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: "
-                         f"{sorted(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
     models: list[tuple[str, str | None, Path]] = [("dense", None, default_model_dir())]
     for method in methods:
         for ratio in a.ratios.split(","):
