@@ -312,7 +312,7 @@ def _forward(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: t
 
 def _forward_2d(x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
                 gated: bool) -> torch.Tensor:
-    """The dispatch on the real token count (inside the op on CUDA)."""
+    """The dispatch on the real token count (the body of ``torch.ops.soco_lowrank.forward``)."""
     backend = _decode_backend(x2d, packed)
     if backend is not None:
         return backend.launch(x2d, v_cat, packed, bias, gated=gated)
@@ -423,9 +423,9 @@ def _triton_backend() -> ModuleType | None:
     return triton_lowrank
 
 
-# The CUDA entry points as custom ops (see the module docstring), defined the way vLLM defines
-# its own (a Library fragment, an implementation for every backend, a fake for the shapes). The
-# packed factors travel as the tensors ``u_flat`` and ``meta`` plus the Python-int table.
+# The entry points as custom ops (see the module docstring), defined the way vLLM defines its
+# own (a Library, one implementation for every backend, a fake for the shapes). The packed
+# factors travel as the tensors ``u_flat`` and ``meta`` plus the Python-int table.
 OP_NAMESPACE = "soco_lowrank"
 _LIB = torch.library.Library(OP_NAMESPACE, "DEF")
 _LIB.define("forward(Tensor x, Tensor v_cat, Tensor u_flat, Tensor meta, Tensor? bias, int[] table, bool gated) -> Tensor")
