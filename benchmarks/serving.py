@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="cpu", help="result file stem: serving_<name>.*")
     p.add_argument("--enforce-eager", action="store_true",
                    help="serve with --enforce-eager (no torch.compile: faster start, 2-3x slower decode on CPU)")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw serving_<name>.png from its JSON, serving nothing")
     p.add_argument("--omp-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND for the servers (e.g. '0' = one thread on core 0, leaving "
                         "the other core to the load generator); default: vLLM's own choice")
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: "
                          f"{sorted(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
+    if a.plot_only:
+        plot(json.loads((RESULTS / f"serving_{a.name}.json").read_text()), RESULTS / f"serving_{a.name}.png")
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     a.ckpt_dir.mkdir(parents=True, exist_ok=True)
     from compress.models import default_model_dir
@@ -140,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         elif not load_format:
             entry["weight_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         if load_format:
-            entry["method"] = label.split("@")[0]
             entry["report"] = {k: json.loads((path / "report.json").read_text())[k]
                                for k in ("method", "achieved_ratio", "model_ratio")}
         results["runs"][label] = entry
@@ -158,29 +162,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Throughput relative to dense against the compression ratio: one line per method and concurrency."""
+    """Throughput relative to dense: against the target ratio, one line per method and
+    concurrency; with a single ratio, bars per concurrency level, one per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = {k: v for k, v in results["runs"].items() if "report" in v}
-    for k, v in runs.items():  # files written before rows were named
-        v.setdefault("method", k.split("@")[0])
-    methods = sorted({v["method"] for v in runs.values()})
+    points: dict[str, dict[float, dict]] = {}
+    for label, v in runs.items():
+        method, ratio = label.split("@")
+        points.setdefault(method, {})[float(ratio)] = v["levels"]
     levels = list(results["runs"]["dense"]["levels"])
+    ratios = sorted({r for per in points.values() for r in per})
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in methods:
-        for c in levels:
-            pts = sorted((v["report"]["achieved_ratio"], v["levels"][c]["throughput_vs_dense"])
-                         for v in runs.values() if v["method"] == method)
-            ax.plot(*zip(*pts), marker="o", ls="-" if "shar" in method else "--",
-                    label=f"{method}, concurrency {c}")
+    if len(ratios) == 1:
+        width = 0.8 / len(points)
+        for i, (method, per) in enumerate(sorted(points.items())):
+            xs = [j + (i - (len(points) - 1) / 2) * width for j in range(len(levels))]
+            ys = [per[ratios[0]][c]["throughput_vs_dense"] for c in levels]
+            bars = ax.bar(xs, ys, width, label=method)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(len(levels)), [f"concurrency {c}" for c in levels])
+        ax.set_ylabel(f"output tokens/s relative to dense, ratio {ratios[0]}")
+    else:
+        for method, per in sorted(points.items()):
+            for c in levels:
+                pts = sorted((r, lv[c]["throughput_vs_dense"]) for r, lv in per.items())
+                ax.plot(*zip(*pts), marker="o", ls="-" if "shar" in method else "--", label=f"{method}, concurrency {c}")
+        ax.set_xlabel("compression ratio (decoder linear parameters removed)")
+        ax.set_ylabel("output tokens/s relative to dense")
     ax.axhline(1.0, color="gray", lw=1, label="dense")
-    ax.set_xlabel("compression ratio (decoder linear parameters removed)")
-    ax.set_ylabel("output tokens/s relative to dense")
     mode = "torch.compile" if results.get("compiled") else "--enforce-eager"
-    ax.set_title(f"vllm serve ({mode}) on {results['machine']['processor']} ({results['machine']['cpus']} CPUs)")
+    machine = results["machine"]
+    ax.set_title(f"vllm serve ({mode}) on {machine.get('device', machine['processor'])}, {machine['cpus']} CPUs")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

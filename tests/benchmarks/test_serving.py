@@ -5,6 +5,7 @@ tested in ``tests/soco_serve/test_server.py``.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,18 @@ def test_unknown_and_one_run_rows_refused(serving):
     for bad in ("soco-onerun", "no-such-method"):
         with pytest.raises(SystemExit, match=bad):
             serving.main(["--methods", bad, "--name", "never-written"])
+
+
+@pytest.mark.parametrize("ratios", [["0.5"], ["0.3", "0.5"]], ids=["bars", "lines"])
+def test_plot_only_redraws_from_the_json(serving, tmp_path, monkeypatch, ratios):
+    monkeypatch.setattr(serving, "RESULTS", tmp_path)
+    levels = {"1": {"throughput_vs_dense": 1.0}, "8": {"throughput_vs_dense": 1.0}}
+    runs = {"dense": {"levels": levels}}
+    for method in ("svd-llm", "soco"):
+        for r in ratios:
+            runs[f"{method}@{r}"] = {"report": {"method": "x"}, "levels": {
+                c: {"throughput_vs_dense": 1.2 + float(r)} for c in levels}}
+    (tmp_path / "serving_t.json").write_text(json.dumps(
+        {"machine": {"processor": "x86_64", "cpus": 2, "device": "CPU test"}, "compiled": True, "runs": runs}))
+    assert serving.main(["--name", "t", "--plot-only"]) == 0
+    assert (tmp_path / "serving_t.png").stat().st_size > 1000
