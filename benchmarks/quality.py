@@ -65,9 +65,8 @@ class BenchMethod(NamedTuple):
     coefficient_update: str = "auto"
 
     def cli_args(self) -> list[str]:
-        """The ``soco-compress`` flags that make this row's checkpoint (serving.py serves them)."""
-        if self.one_run:
-            raise ValueError("a one-run row prunes several ratios from one training run; pass soco several --ratio")
+        """The ``soco-compress`` flags that make this row's checkpoints, but ``--ratio`` (serving.py
+        serves them; a one-run row is one call with every ratio)."""
         return ["--method", self.method, "--group-size", str(self.group_size),
                 "--coefficient-update", self.coefficient_update]
 

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving.py          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
     .venv/bin/python benchmarks/serving.py --methods basis-sharing --ratios 0.5 --concurrency 1,8
     .venv/bin/python benchmarks/serving.py --methods soco,soco-shared --ratios 0.5   # learned ranks
+    .venv/bin/python benchmarks/serving.py --methods soco-onerun    # 0.2-0.5 from one soco training run
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
@@ -13,7 +14,8 @@ Records output tokens/s, time to first token and time per output token (medians)
 memory (soco: what the loader reports; dense: its safetensors files, same dtype), and each
 figure's ratio to dense. Methods are the rows of ``benchmarks/quality.py``: ``svd-llm`` checkpoints
 hold private factors, ``basis-sharing`` ones shared bases, ``soco`` private factors with learned
-per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared bases. Speed depends on
+per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared bases,
+``soco-onerun`` every ratio pruned from one soco training run (``--ratio 0.2,0.3,...``). Speed depends on
 the ranks alone; where the ratio fixes them (every method but soco) the checkpoints are made from 8
 calibration windows of 256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8
 minutes each on 2 cores), since its ranks are learned from the calibration data.
@@ -45,8 +47,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="svd-llm,basis-sharing",
-                   help=f"comma-separated rows of benchmarks/quality.py, one checkpoint per ratio each; known: "
-                        f"{', '.join(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
+                   help=f"comma-separated rows of benchmarks/quality.py, one checkpoint per ratio each "
+                        f"(soco-onerun: all from one training run); known: {', '.join(BENCH_METHODS)}")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated max concurrency levels")
     p.add_argument("--num-prompts", type=int, default=None,
@@ -66,21 +68,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def compress_args(method: str, ratio: str) -> list[str]:
-    """``soco-compress`` flags for a checkpoint to time. Speed depends on the ranks alone: where
+def compress_args(method: str, ratios: list[str]) -> list[str]:
+    """``soco-compress`` flags for checkpoints to time. Speed depends on the ranks alone: where
     they follow from the ratio a small calibration set is enough; soco learns them from the
     calibration data, so it gets the compressor's defaults."""
     row = BENCH_METHODS[method]
     calib = [] if row.method == "soco" else ["--calib-windows", "8", "--seq-len", "256"]
-    return [*row.cli_args(), "--ratio", ratio, *calib, "--no-eval", "--no-progress"]
+    return [*row.cli_args(), "--ratio", ",".join(ratios), *calib, "--no-eval", "--no-progress"]
 
 
-def ensure_checkpoint(ckpt_dir: Path, method: str, ratio: str) -> Path:
-    out = ckpt_dir / f"{method}-{ratio}"
-    if not (out / "soco_manifest.json").exists():
+def ensure_checkpoints(ckpt_dir: Path, method: str, ratios: list[str]) -> list[Path]:
+    """One checkpoint per ratio, made unless it exists: one ``soco-compress`` call per ratio, or
+    one call for all of them for a one-run row (``OUT/ratio-<r>`` from one soco training run)."""
+    if BENCH_METHODS[method].one_run and len(ratios) > 1:
+        out = ckpt_dir / method
+        paths = [out / f"ratio-{float(r):g}" for r in ratios]
+        calls = [] if all((p / "soco_manifest.json").exists() for p in paths) else [(out, ratios)]
+    else:
+        paths = [ckpt_dir / f"{method}-{r}" for r in ratios]
+        calls = [(p, [r]) for p, r in zip(paths, ratios) if not (p / "soco_manifest.json").exists()]
+    for out, rs in calls:
         subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(out), "--force",
-                        *compress_args(method, ratio)], check=True, cwd=ROOT)
-    return out
+                        *compress_args(method, rs)], check=True, cwd=ROOT)
+    return paths
 
 
 def bench(server: VllmServer, model: str, concurrency: int, a: argparse.Namespace, out: Path) -> dict:
@@ -101,10 +111,9 @@ def num_prompts(a: argparse.Namespace, concurrency: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
-    unknown = [m for m in methods if m not in BENCH_METHODS or BENCH_METHODS[m].one_run]
+    unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: "
-                         f"{sorted(m for m, row in BENCH_METHODS.items() if not row.one_run)}")
+        raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(BENCH_METHODS)}")
     if a.plot_only:
         plot(json.loads((RESULTS / f"serving_{a.name}.json").read_text()), RESULTS / f"serving_{a.name}.png")
         return 0
@@ -115,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in a.concurrency.split(",")]
     flags = list(CPU_FLAGS) if a.enforce_eager else [f for f in CPU_FLAGS if f != "--enforce-eager"]
     models: list[tuple[str, str | None, Path]] = [("dense", None, default_model_dir())]
+    ratios = [r for r in a.ratios.split(",") if r]
     for method in methods:
-        for ratio in a.ratios.split(","):
-            models.append((f"{method}@{ratio}", "soco", ensure_checkpoint(a.ckpt_dir, method, ratio)))
+        for ratio, path in zip(ratios, ensure_checkpoints(a.ckpt_dir, method, ratios)):
+            models.append((f"{method}@{ratio}", "soco", path))
     import torch
 
     from kernels.benchmarking import device_name

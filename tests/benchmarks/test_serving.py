@@ -30,17 +30,21 @@ def serving():
     ("soco-shared", "soco", 2, "auto", False),
 ])
 def test_compress_args(serving, row, method, group_size, update, small_calibration):
-    a = compress_parser().parse_args(["-o", "out", *serving.compress_args(row, "0.5")])
+    a = compress_parser().parse_args(["-o", "out", *serving.compress_args(row, ["0.5"])])
     assert (a.method, a.group_size, a.coefficient_update, a.ratio, a.no_eval) == (method, group_size, update, [0.5], True)
     defaults = compress_parser().parse_args(["-o", "out"])
     calib = (a.calib_windows, a.seq_len)
     assert calib == (8, 256) if small_calibration else calib == (defaults.calib_windows, defaults.seq_len)
 
 
-def test_unknown_and_one_run_rows_refused(serving):
-    for bad in ("soco-onerun", "no-such-method"):
-        with pytest.raises(SystemExit, match=bad):
-            serving.main(["--methods", bad, "--name", "never-written"])
+def test_one_run_row_is_one_call_for_every_ratio(serving):
+    a = compress_parser().parse_args(["-o", "out", *serving.compress_args("soco-onerun", ["0.2", "0.5"])])
+    assert (a.method, a.ratio, a.calib_windows) == ("soco", [0.2, 0.5], compress_parser().parse_args(["-o", "o"]).calib_windows)
+
+
+def test_unknown_rows_refused(serving):
+    with pytest.raises(SystemExit, match="no-such-method"):
+        serving.main(["--methods", "no-such-method", "--name", "never-written"])
 
 
 @pytest.mark.parametrize("ratios", [["0.5"], ["0.3", "0.5"]], ids=["bars", "lines"])
