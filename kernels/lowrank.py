@@ -82,9 +82,8 @@ class Segment:
 class PackedExpand:
     """The expand factors of all segments of one layer, packed for a single kernel launch.
 
-    Build it with :func:`pack_expand`. ``meta`` and the transposed views used by the torch
-    path are derived from ``u_flat`` and ``segments`` on construction; use :meth:`to` to move
-    or cast, which rebuilds them on the new device.
+    Build it with :func:`pack_expand`. ``meta`` and ``table`` are derived from ``segments`` on
+    construction; use :meth:`to` to move or cast, which rebuilds them on the new device.
     """
 
     u_flat: torch.Tensor = field(repr=False)
@@ -93,8 +92,9 @@ class PackedExpand:
     meta: torch.Tensor | None = field(default=None, repr=False)
     """int32 ``[len(META_FIELDS), num_segments]`` on ``u_flat.device``: the table for Triton.
     Built from ``segments`` when not given (given: a layer's own buffer, no host-to-device copy)."""
-    expand_t: tuple[torch.Tensor | None, ...] = field(init=False, repr=False)
-    """``U_jᵀ`` as ``[rank, out_size]`` views of ``u_flat`` (None for identity): the torch path."""
+    table: tuple[int, ...] = field(init=False, repr=False)
+    """The segment table as Python ints, segment after segment (each in :data:`META_FIELDS`
+    order): how the ops receive the segments (:func:`segments_from_table` reads it back)."""
     total_rank: int = field(init=False)
     """Rows of the matching ``v_cat``."""
     total_out: int = field(init=False)
@@ -116,15 +116,15 @@ class PackedExpand:
         elif self.meta.shape != (len(META_FIELDS), len(self.segments)):
             raise ValueError(f"PackedExpand.meta must be [{len(META_FIELDS)}, {len(self.segments)}] "
                              f"for {len(self.segments)} segments, got {tuple(self.meta.shape)}")
-        self.expand_t = tuple(None if s.identity else self._u_view(s).t() for s in self.segments)
+        self.table = tuple(v for s in self.segments for v in s.as_row())
         self.total_rank = sum(s.rank for s in self.segments)
         self.total_out = sum(s.out_size for s in self.segments)
 
     @property
-    def table(self) -> tuple[int, ...]:
-        """The segment table as Python ints, segment after segment (each in :data:`META_FIELDS`
-        order): how the ops receive the segments (:func:`segments_from_table` reads it back)."""
-        return tuple(v for s in self.segments for v in s.as_row())
+    def expand_t(self) -> tuple[torch.Tensor | None, ...]:
+        """``U_jᵀ`` as ``[rank, out_size]`` views of ``u_flat`` (None for identity): the torch path.
+        Made when asked for: the ops rebuild a pack on every call, and the Triton path needs none."""
+        return tuple(None if s.identity else self._u_view(s).t() for s in self.segments)
 
     def _u_view(self, seg: Segment) -> torch.Tensor:
         padded = self.u_flat[seg.u_offset : seg.u_offset + seg.out_size * seg.u_stride]
