@@ -17,11 +17,11 @@ on that file (another domain), in the JSON and the table.
 
 Methods are the compressor's at its defaults (basis-sharing: groups of 2, with its coefficient
 update) plus ``basis-sharing-noupdate`` (no coefficient update: the paper's released code),
-``soco-shared`` (soco on
-Basis Sharing's groups of 2) and ``soco-onerun`` (one soco training run towards the smallest ratio,
-every ratio pruned from the same scores: what "any size from one run" costs against ``soco``,
-which trains once per ratio). A soco cell takes about 8 minutes alone on 2 CPU cores with the default
-``--soco-steps``; cells are recomputed when the soco settings differ from the cached ones.
+``soco-shared`` (soco on Basis Sharing's groups of 2), ``soco-onerun`` (one soco training run
+towards the smallest ratio, every ratio pruned from the same scores: what "any size from one run"
+costs against ``soco``, which trains once per ratio) and ``soco-shared-onerun`` (the same on shared
+bases). A soco cell takes about 8 minutes alone on 2 CPU cores with the default ``--soco-steps``;
+cells are recomputed when the soco settings differ from the cached ones.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ BENCH_METHODS = {
     "soco": BenchMethod("soco"),
     "soco-shared": BenchMethod("soco", 2),
     "soco-onerun": BenchMethod("soco", one_run=True),
+    "soco-shared-onerun": BenchMethod("soco", 2, one_run=True),
 }
 
 

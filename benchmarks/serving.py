@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serving.py          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
     .venv/bin/python benchmarks/serving.py --methods basis-sharing --ratios 0.5 --concurrency 1,8
     .venv/bin/python benchmarks/serving.py --methods soco,soco-shared --ratios 0.5   # learned ranks
-    .venv/bin/python benchmarks/serving.py --methods soco-onerun    # 0.2-0.5 from one soco training run
+    .venv/bin/python benchmarks/serving.py --methods soco-onerun,soco-shared-onerun  # 0.2-0.5, one training run each
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
@@ -15,9 +15,10 @@ memory (soco: what the loader reports; dense: its safetensors files, same dtype)
 figure's ratio to dense. Methods are the rows of ``benchmarks/quality.py``: ``svd-llm`` checkpoints
 hold private factors, ``basis-sharing`` ones shared bases, ``soco`` private factors with learned
 per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared bases,
-``soco-onerun`` every ratio pruned from one soco training run (``--ratio 0.2,0.3,...``). Speed depends on
-the ranks alone; where the ratio fixes them (every method but soco) the checkpoints are made from 8
-calibration windows of 256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8
+``soco-onerun`` every ratio pruned from one soco training run (``--ratio 0.2,0.3,...``),
+``soco-shared-onerun`` the same on shared bases. Speed depends on the ranks alone; where the
+ratio fixes them (every method but soco) the checkpoints are made from 8 calibration windows of
+256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8
 minutes each on 2 cores), since its ranks are learned from the calibration data.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.

@@ -37,9 +37,11 @@ def test_compress_args(serving, row, method, group_size, update, small_calibrati
     assert calib == (8, 256) if small_calibration else calib == (defaults.calib_windows, defaults.seq_len)
 
 
-def test_one_run_row_is_one_call_for_every_ratio(serving):
-    a = compress_parser().parse_args(["-o", "out", *serving.compress_args("soco-onerun", ["0.2", "0.5"])])
-    assert (a.method, a.ratio, a.calib_windows) == ("soco", [0.2, 0.5], compress_parser().parse_args(["-o", "o"]).calib_windows)
+@pytest.mark.parametrize("row,group_size", [("soco-onerun", 1), ("soco-shared-onerun", 2)])
+def test_one_run_row_is_one_call_for_every_ratio(serving, row, group_size):
+    a = compress_parser().parse_args(["-o", "out", *serving.compress_args(row, ["0.2", "0.5"])])
+    default_calib = compress_parser().parse_args(["-o", "o"]).calib_windows
+    assert (a.method, a.group_size, a.ratio, a.calib_windows) == ("soco", group_size, [0.2, 0.5], default_calib)
 
 
 def test_unknown_rows_refused(serving):
