@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soco-steps", type=int, default=d.steps, help="soco training steps")
     p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
     p.add_argument("--soco-seq-len", type=int, default=d.seq_len, help="soco training window length")
+    p.add_argument("--soco-seed", type=int, default=d.seed,
+                   help="soco training seed (another seed in another --name: is a margin more than the seed?)")
     return p.parse_args(argv)
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out_json} was made with other settings ({stale}, (file, now)): starting it afresh", flush=True)
         results = {}
     cells = results.setdefault("cells", {})
-    soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len)
+    soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len, seed=a.soco_seed)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
                           eval_windows=a.eval_windows, seq_len=a.seq_len, progress=False, soco=soco_cfg)
     timer = Timer()

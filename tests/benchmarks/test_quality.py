@@ -65,4 +65,7 @@ def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
     assert res["cells"]["soco-onerun@0.4"]["soco_trained_for"] == 0.3
     assert all(c["target_ratio"] <= c["achieved_ratio"] <= c["target_ratio"] + 0.005 for c in res["cells"].values())
     assert "soco-onerun" in (tmp_path / "quality_t.md").read_text()
+    assert quality.main([*argv, "--soco-seed", "1"]) == 0  # another seed is another setting: trained again
+    seeded = json.loads((tmp_path / "quality_t.json").read_text())["cells"]["soco-onerun@0.4"]
+    assert seeded["soco_settings"]["seed"] == 1 and seeded["ppl"] != res["cells"]["soco-onerun@0.4"]["ppl"]
     assert quality.BENCH_METHODS["soco-shared"][:3] == ("soco", 2, False)
