@@ -74,7 +74,8 @@ def compress_parser() -> argparse.ArgumentParser:
                         "several (0.3,0.4,0.5): one training run, OUTPUT/ratio-<r> per ratio")
     m.add_argument("--group-size", type=int, default=None,
                    help="adjacent layers per shared basis (basis-sharing: default 2; soco: default 1 = private "
-                        "factors, N > 1 = soco on shared bases)")
+                        "factors, N > 1 = soco on shared bases; for those at 0.4 or more, --ratio 0.2,R trained "
+                        "far more stably than --ratio R in our runs: README, Results)")
     m.add_argument("--shared-types", default=",".join(DEFAULT_SHARED_KINDS),
                    help="basis-sharing: matrix types that share a basis (others stay private)")
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",

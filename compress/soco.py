@@ -67,7 +67,11 @@ chosen so that the exact stored count meets the target, and every zero score is 
 that alone would overshoot the target by more than 0.5 pp (then zero-score components are kept as
 needed and the count reported as ``kept_zero``). One component at a time, so the achieved ratio
 lands within about 0.01 pp above the target. Several ratios from one run (``--ratio 0.3,0.4,0.5``)
-train towards the smallest and prune the same scores further for the others.
+train towards the smallest and prune the same scores further for the others. On shared bases
+this is also the stable way to a high ratio: on the default model at 32 calibration windows, soco
+on shared bases trained towards 0.5 ended at perplexity 2387 and 511 in two runs, trained towards
+0.2 and pruned to 0.5 at 300 and 333 in two seeds (README, Results;
+``benchmarks/results/quality_soco*.json``).
 
 **Folding.** Kept components keep their learned scores: ``U·√(σs)``, ``√(σs)·Vᵀ S⁻¹`` (private),
 ``σ·Vᵀ S⁻¹`` as the basis and ``U_j·diag(s_j)`` as layer ``j``'s coefficients (shared), and a dense
