@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
     p.add_argument("--soco-seq-len", type=int, default=d.seq_len, help="soco training window length")
     p.add_argument("--soco-seed", type=int, default=d.seed,
-                   help="soco training seed (another seed in another --name: is a margin more than the seed?)")
+                   help="soco training seed (another seed under another --name shows how far cells move with it)")
     return p.parse_args(argv)
 
 
