@@ -18,8 +18,9 @@ per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared base
 ``soco-onerun`` every ratio pruned from one soco training run (``--ratio 0.2,0.3,...``),
 ``soco-shared-onerun`` the same on shared bases. Speed depends on the ranks alone; where the
 ratio fixes them (every method but soco) the checkpoints are made from 8 calibration windows of
-256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8
-minutes each on 2 cores), since its ranks are learned from the calibration data.
+256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8 minutes each on 2
+cores), since its ranks are learned from the calibration data. Each checkpoint's entry also gives
+its decoder linears' multiply-adds per token against dense, from its manifest.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.
 """
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import BENCH_METHODS  # noqa: E402
+from soco_serve.layout import read_manifest  # noqa: E402
 from soco_serve.server import CPU_FLAGS, VllmServer, vllm_executable  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -105,6 +107,13 @@ def bench(server: VllmServer, model: str, concurrency: int, a: argparse.Namespac
     return {k: r[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "duration")}
 
 
+def linear_multiply_adds_vs_dense(ckpt: Path) -> float:
+    """The decoder linears' multiply-adds per token against the dense model's: what a decode step
+    computes and streams, which shared bases do not shrink as much as the stored size."""
+    m = read_manifest(ckpt)
+    return round(m.linear_multiply_adds() / m.dense_linear_params(), 3)
+
+
 def num_prompts(a: argparse.Namespace, concurrency: int) -> int:
     return a.num_prompts or max(8, 2 * concurrency)
 
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if load_format:
             entry["report"] = {k: json.loads((path / "report.json").read_text())[k]
                                for k in ("method", "achieved_ratio", "model_ratio")}
+            entry["report"]["linear_multiply_adds"] = linear_multiply_adds_vs_dense(path)
         results["runs"][label] = entry
     dense = results["runs"]["dense"]["levels"]
     for label, entry in results["runs"].items():

@@ -104,6 +104,14 @@ class LinearEntry:
             n += self.rank * self.in_features
         return n
 
+    def multiply_adds(self) -> int:
+        """Multiply-adds per token (bias excluded): a shared layer applies its group's whole basis,
+        so sharing saves storage but not this (nor the bytes a decode step streams)."""
+        if self.kind == "dense":
+            return self.in_features * self.out_features
+        assert self.rank is not None
+        return self.rank * (self.in_features + self.out_features)
+
 
 @dataclass
 class BasisEntry:
@@ -143,6 +151,10 @@ class Manifest:
         """Parameters of the decoder linears as stored: bases once, biases excluded."""
         own = sum(e.stored_params() - (e.out_features if e.bias else 0) for e in self.linears.values())
         return own + sum(b.stored_params() for b in self.bases.values())
+
+    def linear_multiply_adds(self) -> int:
+        """Multiply-adds per token of the decoder linears; ``dense_linear_params()`` for the dense model."""
+        return sum(e.multiply_adds() for e in self.linears.values())
 
     # -- expected tensors -----------------------------------------------------------------------
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -50,6 +50,8 @@ def test_roundtrip_lazy_and_counts(tmp_path):
     assert sum(1 for n in r.names() if n.startswith(L.BASIS_PREFIX)) == 1
     assert m.stored_linear_params() == 6 * 3 + 3 * 8 + 2 * 4 * 2 + 2 * 8 + 8 * 6
     assert m.dense_linear_params() == 8 * 6 + 2 * 8 * 4 + 6 * 8
+    # ...but applied by every layer of its group: per token, each shared layer multiplies by it
+    assert m.linear_multiply_adds() == 3 * (8 + 6) + 2 * 2 * (8 + 4) + 6 * 8
     assert not list(tmp_path.glob(".ck.tmp-*"))
 
 
