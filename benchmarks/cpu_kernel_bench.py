@@ -57,8 +57,7 @@ def build(layers: int, ratio: float):
             w = lowrank_for_ratio(in_features, outs, ratio, dtype=torch.float32, device="cpu")
             us = w.packed.unpack()
             onednn.append((ops.create_onednn_mm(w.v_cat.t(), 32), [ops.create_onednn_mm(u.t(), 32) for u in us], w))
-            kernel.append(cpu_lowrank.CpuLowRank.build(cpu_lowrank.pack_panels(w.v_cat), tuple(w.v_cat.shape), us,
-                                                       w.ranks))
+            kernel.append(cpu_lowrank.CpuLowRank.build(cpu_lowrank.pack_panels(w.v_cat), w.v_cat.shape[1], us, w.ranks))
     return dense, onednn, kernel
 
 

@@ -10,7 +10,9 @@ over all threads, and writes each segment's block of the output in place; for pr
 register-blocked GEMM on the same packed factors.
 
 Factors are packed once, at load time, into panels of :data:`PANEL` outputs (see the C++ file):
-one copy, no padding, the same bytes as the checkpoint. :class:`CpuLowRank` holds one layer.
+one copy, no padding, the same bytes as the checkpoint. :class:`CpuLowRank` holds one layer. Its
+shrink factor may come in row blocks (*parts*, as :data:`kernels.lowrank.ShrinkFactors`), each
+packed on its own, so that a basis shared by several layers is packed, and held, once.
 
 The kernel is compiled for this machine (``-march=native``) on first use with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed once; the build is cached
@@ -88,47 +90,55 @@ def unpack_panels(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:
 class CpuLowRank:
     """One (possibly fused) low-rank layer in the kernel's layout: ``y = expand(x v_catᵀ) + bias``.
 
-    ``v`` packs ``v_cat [rank_total, in]`` (a shared basis: one tensor for its whole group),
-    ``u`` every non-identity segment's ``U_j [out_j, r_j]`` one after another, ``meta`` the
-    segment table (:data:`CPU_META_FIELDS`).
+    ``v`` packs ``v_cat [rank_total, in]`` as row blocks of ``v_ranks`` rows each (a shared basis:
+    one tensor for its whole group), ``u`` every non-identity segment's ``U_j [out_j, r_j]`` one
+    after another, ``meta`` the segment table (:data:`CPU_META_FIELDS`).
     """
 
-    v: torch.Tensor
+    v: tuple[torch.Tensor, ...]
+    v_ranks: tuple[int, ...]
     u: torch.Tensor
     meta: torch.Tensor
     segments: tuple[Segment, ...]
     in_features: int
-    rank_total: int
     out_features: int
 
+    @property
+    def rank_total(self) -> int:
+        return sum(self.v_ranks)
+
     @classmethod
-    def build(cls, v: torch.Tensor, v_cat_shape: tuple[int, int], us: Sequence[torch.Tensor | None],
+    def build(cls, v: torch.Tensor | Sequence[torch.Tensor], in_features: int, us: Sequence[torch.Tensor | None],
               ranks: Sequence[int]) -> CpuLowRank:
-        """From ``v`` (already :func:`pack_panels`-ed, so a shared basis is packed once) and the
-        segments' expand factors (None: identity segment, as :func:`kernels.pack_expand` takes them)."""
+        """From ``v`` (``v_cat``, or its row blocks, already :func:`pack_panels`-ed, so a shared
+        basis is packed once) and the segments' expand factors (None: identity segment, as
+        :func:`kernels.pack_expand` takes them)."""
         segments = plan_segments(us, ranks)
-        rank_total, in_features = v_cat_shape
-        if rank_total != sum(s.rank for s in segments) or v.numel() != rank_total * in_features:
-            raise ValueError(f"CpuLowRank: v holds {v.numel()} floats for v_cat {list(v_cat_shape)}, "
-                             f"segment ranks sum to {sum(s.rank for s in segments)}")
-        parts, rows, offset = [], [], 0
+        v_parts = (v,) if isinstance(v, torch.Tensor) else tuple(v)
+        rank_total = sum(s.rank for s in segments)
+        if not v_parts or any(p.numel() % in_features for p in v_parts) \
+                or sum(p.numel() for p in v_parts) != rank_total * in_features:
+            raise ValueError(f"CpuLowRank: v holds {[p.numel() for p in v_parts]} floats, segment ranks sum to "
+                             f"{rank_total}: need rows x {in_features} inputs, {rank_total} rows in all")
+        u_parts, rows, offset = [], [], 0
         for seg, u in zip(segments, us):
             rows.append((seg.rank_offset, seg.rank, seg.out_offset, seg.out_size, -1 if u is None else offset,
                          int(u is None)))
             if u is not None:
-                parts.append(pack_panels(u))
+                u_parts.append(pack_panels(u))
                 offset += u.numel()
         if offset > 2**31 - 1:
             raise ValueError("CpuLowRank: layer too large for the kernel's int32 offsets")
-        u_flat = torch.cat(parts) if parts else torch.empty(0)
+        u_flat = torch.cat(u_parts) if u_parts else torch.empty(0)
         meta = torch.tensor(list(zip(*rows)), dtype=torch.int32)
-        return cls(v, u_flat, meta, segments, in_features, rank_total, sum(s.out_size for s in segments))
+        v_ranks = tuple(p.numel() // in_features for p in v_parts)
+        return cls(v_parts, v_ranks, u_flat, meta, segments, in_features, sum(s.out_size for s in segments))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return forward(x, self.v, self.u, self.meta, bias, self.rank_total, self.out_features)
+        return forward(x, self.v, self.u, self.meta, bias, self.v_ranks, self.out_features)
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
-        return shrink(x, self.v, self.rank_total)
+        return shrink(x, self.v, self.v_ranks)
 
     def expand(self, h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return expand(h, self.u, self.meta, bias, self.out_features)
@@ -138,16 +148,18 @@ class CpuLowRank:
 # torch.compile sees them as the module's state (never as constants baked into a graph).
 
 
-def forward(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-            rank_total: int, out_features: int) -> torch.Tensor:
-    """``y = expand(x v_catᵀ) + bias``: ``x [..., in] -> [..., out_features]``, one kernel call."""
-    y = torch.ops.soco_cpu.lowrank(_rows(x, v.numel() // rank_total), v, u, meta, bias, rank_total, out_features)
+def forward(x: torch.Tensor, v: Sequence[torch.Tensor], u: torch.Tensor, meta: torch.Tensor,
+            bias: torch.Tensor | None, v_ranks: Sequence[int], out_features: int) -> torch.Tensor:
+    """``y = expand(x v_catᵀ) + bias``: ``x [..., in] -> [..., out_features]``, one kernel call;
+    ``v`` the panels of ``v_cat``'s row blocks, ``v_ranks`` their rows."""
+    x2d = _rows(x, v[0].numel() // v_ranks[0])
+    y = torch.ops.soco_cpu.lowrank(x2d, list(v), u, meta, bias, list(v_ranks), out_features)
     return y.view(*x.shape[:-1], out_features)
 
 
-def shrink(x: torch.Tensor, v: torch.Tensor, rank_total: int) -> torch.Tensor:
-    """``h = x v_catᵀ``: ``[..., in] -> [tokens, rank_total]`` (row-parallel TP all-reduces ``h``)."""
-    return torch.ops.soco_cpu.shrink(_rows(x, v.numel() // rank_total), v, rank_total)
+def shrink(x: torch.Tensor, v: Sequence[torch.Tensor], v_ranks: Sequence[int]) -> torch.Tensor:
+    """``h = x v_catᵀ``: ``[..., in] -> [tokens, sum(v_ranks)]`` (row-parallel TP all-reduces ``h``)."""
+    return torch.ops.soco_cpu.shrink(_rows(x, v[0].numel() // v_ranks[0]), list(v), list(v_ranks))
 
 
 def expand(h: torch.Tensor, u: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -166,9 +178,9 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
 def _register_fakes(namespace: str) -> None:
     """Shapes for torch.compile (vLLM's CPU default traces the model once with Dynamo)."""
     lib = namespace + "::"
-    torch.library.register_fake(lib + "shrink")(lambda x, v, rank_total: x.new_empty(x.shape[0], rank_total))
+    torch.library.register_fake(lib + "shrink")(lambda x, v, ranks: x.new_empty(x.shape[0], sum(ranks)))
     torch.library.register_fake(lib + "expand")(
         lambda h, u, meta, bias, out_features: h.new_empty(h.shape[0], out_features))
     torch.library.register_fake(lib + "lowrank")(
-        lambda x, v, u, meta, bias, rank_total, out_features: x.new_empty(x.shape[0], out_features))
+        lambda x, v, u, meta, bias, ranks, out_features: x.new_empty(x.shape[0], out_features))
 

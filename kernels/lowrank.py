@@ -6,6 +6,11 @@ product ``h = x v_catᵀ``; segment ``j`` then reads ``h[:, roff_j : roff_j + r_
 ``out[:, ooff_j : ooff_j + out_j] = h_j U_jᵀ``. An *identity* segment is a part the compressor
 kept dense: its rows of ``v_cat`` are the dense weight rows and its output block is ``h_j``.
 
+``v_cat`` may also be given as its row blocks (*shrink parts*, see :data:`ShrinkFactors`): a
+fused layer whose q basis is shared with the next layer but whose k and v are its own holds
+those rows in two tensors, and copying the shared one into each layer would hold it twice. The
+parts' products are written side by side into ``h``, so everything after the shrink is the same.
+
 The expand factors of all segments are packed once, at load time, into a :class:`PackedExpand`:
 one flat buffer plus the segment table, both as Python ints (the torch path) and as an int32
 tensor on the buffer's device (the Triton kernels, which must not sync with the host).
@@ -54,6 +59,14 @@ META_FIELDS: tuple[str, ...] = ("rank_offset", "rank", "out_offset", "out_size",
 U_ROW_ALIGN = 8
 
 _INT32_MAX = 2**31 - 1
+
+ShrinkFactors = torch.Tensor | Sequence[torch.Tensor]
+"""``v_cat [R, in]``, or its row blocks in order (``[r_0, in], [r_1, in], ...`` with ``sum r_i = R``)."""
+
+
+def shrink_parts(v: ShrinkFactors) -> tuple[torch.Tensor, ...]:
+    """``v`` as a tuple of row blocks (one block when given one tensor)."""
+    return (v,) if isinstance(v, torch.Tensor) else tuple(v)
 
 
 @dataclass(frozen=True)
@@ -243,43 +256,57 @@ def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int],
     return tuple(segments)
 
 
-def check_inputs(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> None:
-    """Raise a clear error unless ``x [..., in]``, ``v_cat [R, in]``, ``packed`` and ``bias`` fit together.
+def check_inputs(x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None) -> None:
+    """Raise a clear error unless ``x [..., in]``, ``v_cat [R, in]`` (or its parts), ``packed`` and ``bias`` fit together.
 
     Only shape, dtype and device metadata are read (no host sync), so this is safe on the hot path.
     """
-    if v_cat.dim() != 2 or v_cat.shape[0] != packed.total_rank:
+    parts = shrink_parts(v_cat)
+    shapes = [tuple(v.shape) for v in parts]
+    if not parts or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes) \
+            or sum(s[0] for s in shapes) != packed.total_rank:
         raise ValueError(
-            f"v_cat must be [total rank, in] = [{packed.total_rank}, in] for this PackedExpand, "
-            f"got shape {tuple(v_cat.shape)}"
+            f"v_cat must be [total rank, in] = [{packed.total_rank}, in] for this PackedExpand (or row blocks "
+            f"that stack to it), got {_shapes_text(shapes)}"
         )
-    if x.dim() < 1 or x.shape[-1] != v_cat.shape[1]:
-        raise ValueError(f"x must be [..., in] with in = {v_cat.shape[1]} (v_cat's columns), got {tuple(x.shape)}")
-    _check_bias_and_kinds(x, "x", packed, bias, v_cat)
+    in_features = shapes[0][1]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be [..., in] with in = {in_features} (v_cat's columns), got {tuple(x.shape)}")
+    _check_bias_and_kinds(x, "x", packed, bias, parts)
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    if len(shapes) == 1:
+        return f"shape {shapes[0]}"
+    return f"shapes {', '.join(map(str, shapes))}" if shapes else "none"
 
 
 def _check_bias_and_kinds(
-    x: torch.Tensor, x_name: str, packed: PackedExpand, bias: torch.Tensor | None, v_cat: torch.Tensor | None = None
+    x: torch.Tensor, x_name: str, packed: PackedExpand, bias: torch.Tensor | None,
+    parts: tuple[torch.Tensor, ...] = (),
 ) -> None:
     """``bias`` is ``[total_out]``; every operand has ``x``'s dtype and device (``packed.meta`` its device)."""
     if bias is not None and bias.shape != (packed.total_out,):
         raise ValueError(f"bias must be [{packed.total_out}] (all segments' outputs), got shape {tuple(bias.shape)}")
     dtype, device = x.dtype, x.device
-    operands = (v_cat, bias, packed.u_flat if packed.u_flat.numel() else None)
+    operands = (*parts, bias, packed.u_flat if packed.u_flat.numel() else None)
     mismatch = any(t is not None and (t.dtype != dtype or t.device != device) for t in operands)
     if mismatch or packed.meta.device != device:
-        named = zip((x_name, "v_cat", "bias", "packed.u_flat", "packed.meta"), (x, *operands, packed.meta))
-        desc = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in named if t is not None)
+        v_names = ["v_cat"] if len(parts) == 1 else [f"v_cat part {i}" for i in range(len(parts))]
+        names = (x_name, *v_names, "bias", "packed.u_flat", "packed.meta")
+        desc = ", ".join(f"{name}: {t.dtype} on {t.device}" for name, t in zip(names, (x, *operands, packed.meta))
+                         if t is not None)
         raise ValueError(f"low-rank layers need one dtype and device for all operands (packed.meta: the device), got {desc}")
 
 
 def lowrank_forward(
-    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+    x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``y = (x v_catᵀ)`` expanded per segment (``+ bias``): ``x [..., in] -> [..., total_out]``.
 
     CUDA inputs with at most :data:`TRITON_MAX_TOKENS` tokens run the Triton decode kernels (one
-    launch for all segments, or a cuBLAS shrink and one launch, see :mod:`kernels.triton_lowrank`);
+    launch for all segments, or a cuBLAS shrink and one launch, see :mod:`kernels.triton_lowrank`;
+    always the latter when ``v_cat`` comes in parts);
     everything else runs :func:`lowrank_forward_torch`. The choice is made at run time, also
     under torch.compile (see the module docstring). CUDA-graph safe: no host syncs and no
     data-dependent shapes.
@@ -289,7 +316,7 @@ def lowrank_forward(
 
 
 def lowrank_silu_mul(
-    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+    x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``silu(gate) * up`` of a fused gate/up low-rank layer: ``x [..., in] -> [..., intermediate]``.
 
@@ -303,14 +330,15 @@ def lowrank_silu_mul(
     return _forward(x, v_cat, packed, bias, gated=True)
 
 
-def _forward(x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
+def _forward(x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None,
              gated: bool) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    y = torch.ops.soco_lowrank.forward(x2d, v_cat, packed.u_flat, packed.meta, bias, packed.table, gated)
+    parts = list(shrink_parts(v_cat))
+    y = torch.ops.soco_lowrank.forward(x2d, parts, packed.u_flat, packed.meta, bias, packed.table, gated)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _forward_2d(x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
+def _forward_2d(x2d: torch.Tensor, v_cat: tuple[torch.Tensor, ...], packed: PackedExpand, bias: torch.Tensor | None,
                 gated: bool) -> torch.Tensor:
     """The dispatch on the real token count (the body of ``torch.ops.soco_lowrank.forward``)."""
     backend = _decode_backend(x2d, packed)
@@ -338,24 +366,47 @@ def check_gated(packed: PackedExpand) -> None:
 
 
 def lowrank_forward_torch(
-    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+    x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The torch path of :func:`lowrank_forward` (any device): one shrink product, one product per segment."""
+    """The torch path of :func:`lowrank_forward` (any device): one shrink product (per part), one product per segment."""
     check_inputs(x, v_cat, packed, bias)
     y = _torch_forward_2d(x.reshape(-1, x.shape[-1]), v_cat, packed, bias)
     return y.view(*x.shape[:-1], packed.total_out)
 
 
 def _torch_forward_2d(
-    x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None
+    x2d: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """One shrink GEMM, then each segment's GEMM written straight into its column block of ``out``.
+    """One shrink GEMM per part, then each segment's GEMM written straight into its column block of ``out``.
 
     BLAS takes the strided column blocks (``h`` slices, ``out`` slices, transposed ``U`` views)
     as leading dimensions, so nothing is copied or concatenated; the Python work is per
     segment, never per token.
     """
-    return _expand_2d(torch.mm(x2d, v_cat.t()), packed, bias)
+    return _expand_2d(shrink_2d(x2d, shrink_parts(v_cat)), packed, bias)
+
+
+def shrink_2d(x2d: torch.Tensor, parts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``h = x v_catᵀ`` from ``v_cat``'s row blocks: each block's product into its columns of ``h``.
+
+    ``out`` (optional): ``[tokens, R]``, any row stride. One block and no ``out``: one plain product.
+    """
+    if len(parts) == 1 and out is None:
+        return torch.mm(x2d, parts[0].t())
+    h = x2d.new_empty(x2d.shape[0], sum(v.shape[0] for v in parts)) if out is None else out
+    start = 0
+    for v in parts:
+        torch.mm(x2d, v.t(), out=h[:, start : start + v.shape[0]])
+        start += v.shape[0]
+    return h
+
+
+def lowrank_shrink(x: torch.Tensor, v_cat: ShrinkFactors) -> torch.Tensor:
+    """The shrink half alone: ``x [..., in] -> h [..., R]`` (row-parallel layers all-reduce ``h``
+    before :func:`lowrank_expand`)."""
+    parts = shrink_parts(v_cat)
+    h = shrink_2d(x.reshape(-1, x.shape[-1]), parts)
+    return h.view(*x.shape[:-1], h.shape[-1])
 
 
 def lowrank_expand(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,10 +451,10 @@ def _expand_2d(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None)
 
 
 def lowrank_forward_reference(
-    x: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None
+    x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The obviously-correct result, in float64: each segment separately, then concatenated."""
-    x64, v64 = x.double(), v_cat.double()
+    x64, v64 = x.double(), torch.cat(shrink_parts(v_cat)).double()
     blocks = []
     for seg, u in zip(packed.segments, packed.unpack()):
         h = x64 @ v64[seg.rank_offset : seg.rank_offset + seg.rank].T
@@ -428,7 +479,7 @@ def _triton_backend() -> ModuleType | None:
 # factors travel as the tensors ``u_flat`` and ``meta`` plus the Python-int table.
 OP_NAMESPACE = "soco_lowrank"
 _LIB = torch.library.Library(OP_NAMESPACE, "DEF")
-_LIB.define("forward(Tensor x, Tensor v_cat, Tensor u_flat, Tensor meta, Tensor? bias, int[] table, bool gated) -> Tensor")
+_LIB.define("forward(Tensor x, Tensor[] v_parts, Tensor u_flat, Tensor meta, Tensor? bias, int[] table, bool gated) -> Tensor")
 _LIB.define("expand(Tensor h, Tensor u_flat, Tensor meta, Tensor? bias, int[] table) -> Tensor")
 
 
@@ -436,9 +487,9 @@ def _unpack_op_args(u_flat: torch.Tensor, meta: torch.Tensor, table: Sequence[in
     return PackedExpand(u_flat, segments_from_table(tuple(table)), meta)
 
 
-def _forward_op(x2d: torch.Tensor, v_cat: torch.Tensor, u_flat: torch.Tensor, meta: torch.Tensor,
+def _forward_op(x2d: torch.Tensor, v_parts: list[torch.Tensor], u_flat: torch.Tensor, meta: torch.Tensor,
                 bias: torch.Tensor | None, table: Sequence[int], gated: bool) -> torch.Tensor:
-    return _forward_2d(x2d, v_cat, _unpack_op_args(u_flat, meta, table), bias, gated)
+    return _forward_2d(x2d, tuple(v_parts), _unpack_op_args(u_flat, meta, table), bias, gated)
 
 
 def _expand_op(h2d: torch.Tensor, u_flat: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -447,7 +498,7 @@ def _expand_op(h2d: torch.Tensor, u_flat: torch.Tensor, meta: torch.Tensor, bias
     return y.clone() if y is h2d else y  # an op's output never aliases its input (one identity segment)
 
 
-def _forward_fake(x2d, v_cat, u_flat, meta, bias, table, gated):  # noqa: ANN001, ANN202 (the op's schema types them)
+def _forward_fake(x2d, v_parts, u_flat, meta, bias, table, gated):  # noqa: ANN001, ANN202 (the op's schema types them)
     segments = segments_from_table(tuple(table))
     return x2d.new_empty(x2d.shape[0], segments[0].out_size if gated else sum(s.out_size for s in segments))
 

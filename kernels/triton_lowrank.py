@@ -17,7 +17,8 @@ needs in full, so there are two sensible ways to run it, both implemented by one
   parallelism, where ``h`` arrives all-reduced.
 
 :func:`choose_mode` picks by the bytes of ``V`` the fused form would re-read, against
-:data:`FUSED_REREAD_BUDGET_BYTES`. A single grid-synchronised launch (phase 1, grid barrier,
+:data:`FUSED_REREAD_BUDGET_BYTES`. A layer whose ``V`` comes in parts (a basis shared with other
+layers beside the layer's own rows) always runs two-phase: the fused kernel reads one ``V``. A single grid-synchronised launch (phase 1, grid barrier,
 phase 2) would avoid both costs but deadlocks unless every program is resident at once (MPS, MIG,
 concurrent kernels) and cannot run under the interpreter, so it is deliberately not used.
 
@@ -46,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import META_FIELDS, U_ROW_ALIGN, PackedExpand, check_gated, check_inputs
+from .lowrank import META_FIELDS, U_ROW_ALIGN, PackedExpand, ShrinkFactors, check_gated, check_inputs, shrink_2d, shrink_parts
 
 Mode = Literal["auto", "fused", "two_phase"]
 
@@ -123,7 +124,7 @@ def choose_mode(
 
 def lowrank_forward_triton(
     x2d: torch.Tensor,
-    v_cat: torch.Tensor,
+    v_cat: ShrinkFactors,
     packed: PackedExpand,
     bias: torch.Tensor | None = None,
     *,
@@ -142,7 +143,7 @@ def lowrank_forward_triton(
 
 def lowrank_silu_mul_triton(
     x2d: torch.Tensor,
-    v_cat: torch.Tensor,
+    v_cat: ShrinkFactors,
     packed: PackedExpand,
     bias: torch.Tensor | None = None,
     *,
@@ -159,7 +160,7 @@ def lowrank_silu_mul_triton(
     return launch(x2d, v_cat, packed, bias, gated=True, mode=mode, config=config, out=out)
 
 
-def _check_2d(x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None) -> None:
+def _check_2d(x2d: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None) -> None:
     check_inputs(x2d, v_cat, packed, bias)
     if x2d.dim() != 2:
         raise ValueError(f"the Triton path takes 2-D x [tokens, in], got shape {tuple(x2d.shape)}")
@@ -167,7 +168,7 @@ def _check_2d(x2d: torch.Tensor, v_cat: torch.Tensor, packed: PackedExpand, bias
 
 def launch(
     x2d: torch.Tensor,
-    v_cat: torch.Tensor,
+    v_cat: ShrinkFactors,
     packed: PackedExpand,
     bias: torch.Tensor | None = None,
     *,
@@ -179,15 +180,18 @@ def launch(
     """The whole layer on inputs the caller has already validated (:func:`kernels.lowrank.lowrank_forward` does)."""
     if mode not in ("auto", "fused", "two_phase"):
         raise ValueError(f"mode must be 'auto', 'fused' or 'two_phase', got {mode!r}")
+    parts = shrink_parts(v_cat)
+    if mode == "fused" and len(parts) > 1:
+        raise ValueError(f"the fused form reads one V; this layer's comes in {len(parts)} parts (use 'two_phase')")
     num_tokens, in_features = x2d.shape
     if mode == "auto":
-        mode = choose_mode(num_tokens, in_features, packed, x2d.element_size())
+        mode = choose_mode(num_tokens, in_features, packed, x2d.element_size()) if len(parts) == 1 else "two_phase"
     cfg = config or default_config(num_tokens, mode)
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    v_cat = v_cat if v_cat.stride(-1) == 1 else v_cat.contiguous()
     if mode == "fused":
-        return _run(x2d, v_cat, packed, bias, fused=True, gated=gated, config=cfg, out=out)
-    return _run(_shrink(x2d, v_cat), v_cat, packed, bias, fused=False, gated=gated, config=cfg, out=out)
+        v = parts[0] if parts[0].stride(-1) == 1 else parts[0].contiguous()
+        return _run(x2d, v, packed, bias, fused=True, gated=gated, config=cfg, out=out)
+    return _run(_shrink(x2d, parts), None, packed, bias, fused=False, gated=gated, config=cfg, out=out)
 
 
 def launch_expand(
@@ -259,15 +263,15 @@ def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor
     return out
 
 
-def _shrink(x2d: torch.Tensor, v_cat: torch.Tensor) -> torch.Tensor:
-    """Phase 1 of two-phase: ``h = x v_catᵀ`` by cuBLAS, rows padded to 16 elements.
+def _shrink(x2d: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Phase 1 of two-phase: ``h = x v_catᵀ`` by cuBLAS (one product per part of ``V``), rows padded to 16 elements.
 
     The padded row stride is divisible by 16, which Triton specialises on; with ranks that are
     multiples of :data:`U_ROW_ALIGN` every segment's slice of ``h`` then starts aligned.
     """
-    rank = v_cat.shape[0]
+    rank = sum(v.shape[0] for v in parts)
     h = torch.empty((x2d.shape[0], -(-rank // 16) * 16), device=x2d.device, dtype=x2d.dtype)[:, :rank]
-    return torch.mm(x2d, v_cat.t(), out=h)
+    return shrink_2d(x2d, parts, out=h)
 
 
 @triton.jit

@@ -18,6 +18,10 @@
 //
 // Segment table (int32 [6, S], kernels/cpu_lowrank.py CPU_META_FIELDS): rank_offset, rank,
 // out_offset, out_size, u_offset (first float of the segment's panels in u), identity.
+//
+// The shrink factor v_cat [R, in] may come in row blocks ("parts", each packed on its own): a basis
+// shared by several layers is packed once and read in place by every layer beside that layer's own
+// rows. The parts are matrices of one phase, each writing its columns of h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -256,15 +260,25 @@ void check_factor(const at::Tensor& t, int64_t numel, const char* what) {
   TORCH_CHECK(t.numel() >= numel, "soco_cpu: ", what, " holds ", t.numel(), " floats, needs ", numel);
 }
 
-// The shrink's work: h [tokens, R] = x v_catᵀ with v_cat packed as panels (R outputs, `in` inputs).
-Work shrink_work(const at::Tensor& x, const at::Tensor& v, int64_t rank_total, at::Tensor& h) {
+// The shrink's work: h [tokens, R] = x v_catᵀ, v_cat given as row blocks v[i] [ranks[i], in], each
+// packed as panels, block i writing columns [ranks[0] + ... + ranks[i-1], + ranks[i]) of h.
+Work shrink_work(const at::Tensor& x, const at::TensorList& v, const at::IntArrayRef& ranks, at::Tensor& h) {
   const int64_t in = x.size(1);
   check_x(x, in, "x");
-  check_factor(v, rank_total * in, "v (shrink panels)");
+  TORCH_CHECK(!v.empty() && v.size() == ranks.size(), "soco_cpu: ", v.size(), " shrink parts for ", ranks.size(),
+              " ranks");
+  int64_t rank_total = 0;
+  for (const int64_t r : ranks) rank_total += r;
   h = at::empty({x.size(0), rank_total}, x.options());
-  return Work({Panels{v.data_ptr<float>(), rank_total, in, x.data_ptr<float>(), x.stride(0), h.data_ptr<float>(),
-                      rank_total, nullptr}},
-              x.size(0));
+  std::vector<Panels> mats;
+  int64_t offset = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    check_factor(v[i], ranks[i] * in, "v (shrink panels)");
+    mats.push_back(Panels{v[i].data_ptr<float>(), ranks[i], in, x.data_ptr<float>(), x.stride(0),
+                          h.data_ptr<float>() + offset, rank_total, nullptr});
+    offset += ranks[i];
+  }
+  return Work(std::move(mats), x.size(0));
 }
 
 // The expand's work: y [tokens, out_features] = each segment's h_j U_jᵀ (identity: h_j), + bias.
@@ -296,9 +310,9 @@ Work expand_work(const at::Tensor& h, const at::Tensor& u, const at::Tensor& met
   return Work(std::move(mats), h.size(0));
 }
 
-at::Tensor shrink(const at::Tensor& x, const at::Tensor& v, int64_t rank_total) {
+at::Tensor shrink(const at::Tensor& x, at::TensorList v, at::IntArrayRef ranks) {
   at::Tensor h;
-  const Work w = shrink_work(x, v, rank_total, h);
+  const Work w = shrink_work(x, v, ranks, h);
   run_phases({&w});
   return h;
 }
@@ -311,10 +325,10 @@ at::Tensor expand(const at::Tensor& h, const at::Tensor& u, const at::Tensor& me
   return y;
 }
 
-at::Tensor lowrank(const at::Tensor& x, const at::Tensor& v, const at::Tensor& u, const at::Tensor& meta,
-                   const std::optional<at::Tensor>& bias, int64_t rank_total, int64_t out_features) {
+at::Tensor lowrank(const at::Tensor& x, at::TensorList v, const at::Tensor& u, const at::Tensor& meta,
+                   const std::optional<at::Tensor>& bias, at::IntArrayRef ranks, int64_t out_features) {
   at::Tensor h, y;
-  const Work w1 = shrink_work(x, v, rank_total, h);
+  const Work w1 = shrink_work(x, v, ranks, h);
   const Work w2 = expand_work(h, u, meta, bias, out_features, y);
   run_phases({&w1, &w2});
   return y;
@@ -329,9 +343,9 @@ at::Tensor lowrank(const at::Tensor& x, const at::Tensor& v, const at::Tensor& u
 #endif
 
 TORCH_LIBRARY(SOCO_CPU_NS, m) {
-  m.def("shrink(Tensor x, Tensor v, int rank_total) -> Tensor");
+  m.def("shrink(Tensor x, Tensor[] v, int[] ranks) -> Tensor");
   m.def("expand(Tensor h, Tensor u, Tensor meta, Tensor? bias, int out_features) -> Tensor");
-  m.def("lowrank(Tensor x, Tensor v, Tensor u, Tensor meta, Tensor? bias, int rank_total, int out_features) -> Tensor");
+  m.def("lowrank(Tensor x, Tensor[] v, Tensor u, Tensor meta, Tensor? bias, int[] ranks, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(SOCO_CPU_NS, CPU, m) {

@@ -132,15 +132,21 @@ def check_close() -> Callable[..., None]:
 
 
 class Linear(torch.nn.Module):
-    """Holds its factors as a vLLM layer does: ``V`` a Parameter, the pack a plain attribute."""
+    """Holds its factors as a vLLM layer does: ``V`` a Parameter (or one per row block, given
+    ``v_split``: a basis shared with other layers beside the layer's own rows), the pack a plain attribute."""
 
-    def __init__(self, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None, gated: bool = False):
+    def __init__(self, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None, gated: bool = False,
+                 v_split: Sequence[int] | None = None):
         super().__init__()
-        self.v = torch.nn.Parameter(v_cat, requires_grad=False)
+        blocks = v_cat.split(list(v_split)) if v_split else (v_cat,)
+        self.v_names = tuple(f"v{i}" for i in range(len(blocks)))
+        for name, block in zip(self.v_names, blocks):
+            self.register_parameter(name, torch.nn.Parameter(block.clone(), requires_grad=False))
         self.packed, self.bias, self.gated = packed, bias, gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (lowrank_silu_mul if self.gated else lowrank_forward)(x, self.v, self.packed, self.bias)
+        v = tuple(getattr(self, name) for name in self.v_names)
+        return (lowrank_silu_mul if self.gated else lowrank_forward)(x, v, self.packed, self.bias)
 
 
 def compiled_graphs(module: torch.nn.Module) -> tuple[Callable[..., torch.Tensor], list[torch.fx.GraphModule]]:

@@ -45,11 +45,17 @@ def ops(request):
     return getattr(torch.ops, namespace)
 
 
-def _cpu_layer(in_features: int, layout, bias: bool = False):
+def _cpu_layer(in_features: int, layout, bias: bool = False, v_split: list[int] | None = None):
+    """A random layer and its kernel form; ``v_split``: rows of each part ``v_cat`` is packed in (default one)."""
     layer = build_layer(in_features, layout, bias=bias)
     us = layer.packed.unpack()
     ranks = [s.rank for s in layer.packed.segments]
-    return layer, CpuLowRank.build(pack_panels(layer.v_cat), tuple(layer.v_cat.shape), us, ranks)
+    parts = [pack_panels(v) for v in layer.v_cat.split(v_split or layer.v_cat.shape[0])]
+    return layer, CpuLowRank.build(parts, in_features, us, ranks)
+
+
+def _lowrank(ops, x, cpu, bias):
+    return ops.lowrank(x, list(cpu.v), cpu.u, cpu.meta, bias, list(cpu.v_ranks), cpu.out_features)
 
 
 @pytest.mark.parametrize("n", [1, 5, PANEL - 1, PANEL, PANEL + 1, 3 * PANEL + 7])
@@ -67,9 +73,9 @@ def test_lowrank_matches_dense(ops, layout, bias):
     layer, cpu = _cpu_layer(48, LAYOUTS[layout], bias)
     for tokens in TOKENS:
         x = torch.randn(tokens, 48)
-        y = ops.lowrank(x, cpu.v, cpu.u, cpu.meta, layer.bias, cpu.rank_total, cpu.out_features)
+        y = _lowrank(ops, x, cpu, layer.bias)
         assert_close(y, layer.dense_forward(x))
-        h = ops.shrink(x, cpu.v, cpu.rank_total)
+        h = ops.shrink(x, list(cpu.v), list(cpu.v_ranks))
         assert_close(h, x.double() @ layer.v_cat.double().T)
         torch.testing.assert_close(ops.expand(h, cpu.u, cpu.meta, layer.bias, cpu.out_features), y, rtol=0, atol=0)
 
@@ -78,8 +84,28 @@ def test_long_inputs_use_small_token_chunks(ops):
     """Wide inputs shrink the token chunks (they must stay in L2): many chunks, uneven last one."""
     layer, cpu = _cpu_layer(1500, [(96, 40), (50, 7)], bias=True)
     x = torch.randn(203, 1500)
-    assert_close(ops.lowrank(x, cpu.v, cpu.u, cpu.meta, layer.bias, cpu.rank_total, cpu.out_features),
-                 layer.dense_forward(x))
+    assert_close(_lowrank(ops, x, cpu, layer.bias), layer.dense_forward(x))
+
+
+# Row blocks of qkv_identity's v_cat (17 + 8 + 3 rows): at segment boundaries (a shared q basis
+# beside the layer's own k and v rows), across them, and one row per part past a panel's width.
+V_SPLITS = [[17, 11], [17, 8, 3], [5, 20, 3], [1] * 28]
+
+
+@pytest.mark.parametrize("v_split", V_SPLITS, ids=lambda s: "+".join(map(str, s[:4])))
+def test_shrink_in_parts_equals_one_tensor(ops, v_split):
+    """v_cat in row blocks (each packed on its own) gives the one-tensor result bit for bit."""
+    layer, whole = _cpu_layer(48, LAYOUTS["qkv_identity"], bias=True)
+    parts = CpuLowRank.build([pack_panels(v) for v in layer.v_cat.split(v_split)], 48, layer.packed.unpack(),
+                             [s.rank for s in layer.packed.segments])
+    assert parts.v_ranks == tuple(v_split) and parts.rank_total == whole.rank_total
+    for tokens in (0, 1, 4, 9, 70):
+        x = torch.randn(tokens, 48)
+        y = _lowrank(ops, x, parts, layer.bias)
+        torch.testing.assert_close(y, _lowrank(ops, x, whole, layer.bias), rtol=0, atol=0)
+        torch.testing.assert_close(ops.shrink(x, list(parts.v), list(parts.v_ranks)),
+                                   ops.shrink(x, list(whole.v), list(whole.v_ranks)), rtol=0, atol=0)
+        assert_close(y, layer.dense_forward(x))
 
 
 def test_layer_call_takes_any_leading_shape_and_row_stride():
@@ -102,7 +128,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(RuntimeError, match="bias must be"):
         cpu(torch.randn(3, 40), torch.randn(7))
     with pytest.raises(ValueError, match="v holds"):
-        CpuLowRank.build(pack_panels(layer.v_cat), (layer.v_cat.shape[0] + 1, 40), layer.packed.unpack(), [17])
+        CpuLowRank.build(pack_panels(layer.v_cat), 41, layer.packed.unpack(), [17])
+    with pytest.raises(ValueError, match="v holds"):
+        CpuLowRank.build(pack_panels(layer.v_cat[:-1]), 40, layer.packed.unpack(), [17])
+    with pytest.raises(RuntimeError, match="2 shrink parts for 1 ranks"):
+        torch.ops.soco_cpu.shrink(torch.randn(3, 40), list(cpu.v) * 2, [17])
 
 
 def test_traces_under_torch_compile():

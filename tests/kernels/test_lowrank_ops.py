@@ -27,7 +27,7 @@ GATE_UP = [(16, 5), (16, 5)]
 
 def _args(layer, x, gated=False):
     p = layer.packed
-    return x, layer.v_cat, p.u_flat, p.meta, layer.bias, list(p.table), gated
+    return x, [layer.v_cat], p.u_flat, p.meta, layer.bias, list(p.table), gated
 
 
 def test_table_round_trip(make_layer):
@@ -47,7 +47,10 @@ def test_meta_given_is_checked(make_layer):
 def test_opcheck(make_layer, segments, gated):
     """torch's own checks: schema, fake shapes, no aliasing, and tracing with dynamic shapes."""
     layer = make_layer(12, segments, bias=not gated)
-    torch.library.opcheck(torch.ops.soco_lowrank.forward.default, _args(layer, torch.randn(5, 12), gated))
+    args = _args(layer, torch.randn(5, 12), gated)
+    torch.library.opcheck(torch.ops.soco_lowrank.forward.default, args)
+    parts = list(layer.v_cat.split([3, layer.v_cat.shape[0] - 3]))
+    torch.library.opcheck(torch.ops.soco_lowrank.forward.default, (args[0], parts, *args[2:]))
     h = torch.randn(5, layer.packed.total_rank)
     torch.library.opcheck(torch.ops.soco_lowrank.expand.default,
                           (h, layer.packed.u_flat, layer.packed.meta, layer.bias, list(layer.packed.table)))
@@ -95,11 +98,13 @@ def test_one_graph_dispatches_per_call(make_layer, monkeypatch, check_close, seg
     assert launched == [2, 7, TRITON_MAX_TOKENS]
 
 
-def test_torch_path_compiles(make_layer, check_close):
+@pytest.mark.parametrize("v_split", [None, [8, 11], [8, 8, 3]], ids=["one_v", "shared_q_own_kv", "three_parts"])
+def test_torch_path_compiles(make_layer, check_close, v_split):
     """The torch path writes each segment into a column block of one output (``out=`` views),
-    which Dynamo cannot trace; inside the op the whole-graph compile vLLM asks for holds."""
+    which Dynamo cannot trace; inside the op the whole-graph compile vLLM asks for holds, also
+    with ``V`` in parts (each a Parameter of the layer, as a layer beside a shared basis holds them)."""
     layer = make_layer(12, QKV, bias=True)
-    step, graphs = compiled_graphs(Linear(layer.v_cat, layer.packed, layer.bias))
+    step, graphs = compiled_graphs(Linear(layer.v_cat, layer.packed, layer.bias, v_split=v_split))
     x = torch.randn(5, 12)
     check_close(step(x), lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
     assert len(graphs) == 1

@@ -12,6 +12,7 @@ from kernels import (
     lowrank_forward,
     lowrank_forward_reference,
     lowrank_forward_torch,
+    lowrank_shrink,
     lowrank_silu_mul,
     pack_expand,
 )
@@ -46,6 +47,23 @@ def test_torch_path_matches_reference(dtype, layout, bias, lead, make_layer, che
     if x.numel():
         check_close(y, lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias))
     torch.testing.assert_close(lowrank_forward_torch(x, layer.v_cat, layer.packed, layer.bias), y)
+
+
+@pytest.mark.parametrize("v_split", [[17, 11], [17, 8, 3], [5, 12, 11]], ids=str)
+def test_v_in_parts_equals_one_v(v_split, make_layer, check_close):
+    """``v_cat`` given as row blocks (a shared basis beside the layer's own rows): the same
+    forward, shrink and expand, on every path here."""
+    layer = make_layer(24, LAYOUTS["qkv_identity"], bias=True)
+    parts = layer.v_cat.split(v_split)
+    x = torch.randn(2, 5, 24)
+    y = lowrank_forward(x, parts, layer.packed, layer.bias)
+    torch.testing.assert_close(y, lowrank_forward(x, layer.v_cat, layer.packed, layer.bias))
+    torch.testing.assert_close(lowrank_forward_torch(x, list(parts), layer.packed, layer.bias), y)
+    check_close(y, lowrank_forward_reference(x, parts, layer.packed, layer.bias))
+    check_close(y, layer.dense_forward(x))
+    h = lowrank_shrink(x, parts)
+    torch.testing.assert_close(h, x @ layer.v_cat.T)
+    torch.testing.assert_close(lowrank_expand(h, layer.packed, layer.bias), y)
 
 
 def test_torch_path_takes_strided_input(make_layer, check_close):
@@ -156,6 +174,14 @@ def test_forward_rejects_mismatched_operands(make_layer):
         lowrank_forward(x, layer.v_cat, layer.packed, layer.bias[:48])
     with pytest.raises(ValueError, match="one dtype and device.*x: torch.float64 on cpu, v_cat: torch.float32"):
         lowrank_forward(x.double(), layer.v_cat, layer.packed)
+    with pytest.raises(ValueError, match=r"or row blocks that stack to it\), got shapes \(17, 24\), \(3, 24\)"):
+        lowrank_forward(x, [layer.v_cat[:17], layer.v_cat[17:20]], layer.packed)
+    with pytest.raises(ValueError, match=r"got shapes \(17, 24\), \(4, 23\)"):
+        lowrank_forward(x, [layer.v_cat[:17], layer.v_cat[17:, :23]], layer.packed)
+    with pytest.raises(ValueError, match="got none"):
+        lowrank_forward(x, [], layer.packed)
+    with pytest.raises(ValueError, match="v_cat part 0: torch.float32 on cpu, v_cat part 1: torch.float64"):
+        lowrank_forward(x, [layer.v_cat[:17], layer.v_cat[17:].double()], layer.packed)
 
 
 def test_unaligned_pack_is_exact_and_kept_off_the_kernels():

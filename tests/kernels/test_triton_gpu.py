@@ -84,14 +84,17 @@ def test_expand_dispatch(make_layer, check_close, tokens):
     check_close(lowrank_expand(x @ layer.v_cat.T, layer.packed, layer.bias), _reference(layer, x))
 
 
-def test_cuda_graph_replay(make_layer, check_close):
+@pytest.mark.parametrize("v_split", [None, [230, 307]], ids=["one_v", "shared_q_own_kv"])
+def test_cuda_graph_replay(make_layer, check_close, v_split):
+    """Captured and replayed; also with ``V`` in parts (a shared q basis beside the layer's own k/v rows)."""
     layer = make_layer(576, [(576, 230), (192, None), (192, 115)], dtype=BF16, device="cuda", bias=True)
+    v = layer.v_cat.split(v_split) if v_split else layer.v_cat
     x = torch.randn(8, 576, device="cuda", dtype=BF16)
-    lowrank_forward(x, layer.v_cat, layer.packed, layer.bias)  # compile outside the capture
+    lowrank_forward(x, v, layer.packed, layer.bias)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = lowrank_forward(x, layer.v_cat, layer.packed, layer.bias)
+        y = lowrank_forward(x, v, layer.packed, layer.bias)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         graph.replay()

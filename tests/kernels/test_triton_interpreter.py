@@ -132,6 +132,26 @@ def test_expand_from_given_h(interpreted, small, make_layer, check_close, layout
     check_close(out, ref)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["qkv", "gate_up"])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_v_in_parts_runs_two_phase(interpreted, small, make_layer, check_close, gated, tokens):
+    """``V`` as row blocks (a shared basis beside the layer's own rows): auto picks two-phase, which
+    shrinks part by part; the fused form, which reads one ``V``, refuses."""
+    in_features, segments = (24, [(33, 17), (33, 5)]) if gated else LAYOUTS["qkv_identity"]
+    layer = make_layer(in_features, segments, bias=True)
+    parts = layer.v_cat.split([17, layer.v_cat.shape[0] - 17])
+    x = torch.randn(tokens, in_features)
+    run = interpreted.lowrank_silu_mul_triton if gated else interpreted.lowrank_forward_triton
+    ref = _reference(layer, x)
+    if gated:
+        gate, up = ref.split(33, dim=-1)
+        ref = F.silu(gate) * up
+    check_close(run(x, parts, layer.packed, layer.bias, config=small), ref)
+    check_close(run(x, parts, layer.packed, layer.bias, mode="two_phase", config=small), ref)
+    with pytest.raises(ValueError, match="the fused form reads one V; this layer's comes in 2 parts"):
+        run(x, parts, layer.packed, layer.bias, mode="fused")
+
+
 def test_zero_tokens(interpreted, make_layer):
     layer = make_layer(24, LAYOUTS["qkv"][1])
     y = interpreted.lowrank_forward_triton(torch.randn(0, 24), layer.v_cat, layer.packed)
