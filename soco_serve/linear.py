@@ -8,10 +8,19 @@ repack and run exactly as in an uncompressed model).
 
 A vLLM layer may fuse several Hugging Face linears (q/k/v into ``qkv_proj``, gate/up into
 ``gate_up_proj``): they are *segments* of one layer. The method serves the fused layer as one
-unit: the shrink factors of all segments are rows of one ``lowrank_v [R, in]`` (one read of the
-input, one product), and the expand factors lie in one packed ``lowrank_u`` (one product per
-segment, written straight into the output). A segment the compressor kept dense is an *identity*
-segment: its rows of ``lowrank_v`` are the weight rows, and it needs no expand.
+unit: the shrink factors of all segments are the rows of one ``v_cat [R, in]`` (one read of the
+input), and the expand factors lie in one packed ``lowrank_u`` (one product per segment, written
+straight into the output). A segment the compressor kept dense is an *identity* segment: its
+rows of ``v_cat`` are the weight rows, and it needs no expand.
+
+A shared basis is one ``Parameter`` registered on every layer of its group (vLLM counts it, and
+holds it, once). ``v_cat`` is therefore held in *shrink parts* (:func:`plan_shrink_parts`): each
+run of consecutive shared segments is one tensor of the basis group, each run of the layer's own
+(private or dense) segments one tensor of the layer. A layer with one part registers it as
+``lowrank_v``; with several (say a shared q basis beside dense k and v) as ``lowrank_v0``,
+``lowrank_v1``, ... The kernels take the parts as they are (:data:`kernels.lowrank.ShrinkFactors`).
+All shrink rows (bases, private V, dense weight rows) are loaded by the soco loader through
+:meth:`SocoLowRankLinearMethod.load_segment_v`, never through the model's ``load_weights``.
 
 Tensor parallelism mirrors vLLM's dense sharding:
 
@@ -21,13 +30,10 @@ Tensor parallelism mirrors vLLM's dense sharding:
   all-reduced, then every rank applies the whole ``U``. The method therefore turns the layer's
   own output all-reduce off (``reduce_results``) and adds the bias on every rank.
 
-A shared basis is one ``Parameter`` registered on every layer of its group (vLLM counts it, and
-holds it, once).
-
 After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
 for decode batches, chosen per call inside a custom op, so that vLLM's one compiled graph keeps
 that choice for every batch size); float32 CPU layers pack theirs into the panels of the fused CPU kernel
-(:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared basis is packed
+(:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared part is packed
 once for its group), as vLLM's dense CPU layers prepack theirs for oneDNN.
 """
 
@@ -50,9 +56,9 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from kernels import cpu_lowrank, lowrank_expand, lowrank_forward, pack_expand
+from kernels import cpu_lowrank, lowrank_expand, lowrank_forward, lowrank_shrink, pack_expand
 from kernels.lowrank import U_ROW_ALIGN
-from soco_serve.layout import CheckpointError, LinearEntry, Manifest
+from soco_serve.layout import CheckpointError, LinearEntry, Manifest, basis_name, u_name, v_name, weight_name
 
 logger = init_logger("vllm.soco_serve.linear")
 
@@ -70,6 +76,42 @@ class SegmentSpec:
     def identity(self) -> bool:
         return self.entry.kind == "dense"
 
+    @property
+    def shared(self) -> bool:
+        return self.entry.kind == "shared"
+
+    @property
+    def shrink_tensor(self) -> str:
+        """The checkpoint tensor that holds this segment's shrink rows."""
+        if self.shared:
+            return basis_name(self.entry.basis)
+        return weight_name(self.hf_name) if self.identity else v_name(self.hf_name)
+
+
+@dataclass(frozen=True)
+class ShrinkPart:
+    """Consecutive segments of a layer whose shrink rows live in one tensor."""
+
+    segments: tuple[int, ...]
+    bases: tuple[str, ...] | None
+    """The segments' shared bases (the key of their group's one tensor), or None: the layer's own rows."""
+
+
+def plan_shrink_parts(segments: list[SegmentSpec]) -> list[ShrinkPart]:
+    """Maximal runs of consecutive segments that are all shared, or all the layer's own.
+
+    The layers of one basis group keep or factorize each matrix type alike, so their shared runs
+    have the same bases and hold one tensor between them.
+    """
+    runs: list[list[int]] = []
+    for j, seg in enumerate(segments):
+        if runs and segments[runs[-1][-1]].shared == seg.shared:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return [ShrinkPart(tuple(run), tuple(segments[j].entry.basis for j in run) if segments[run[0]].shared else None)
+            for run in runs]
+
 
 class SocoLinearConfig(QuantizationConfig):
     """Tells vLLM's layers how the checkpoint stores them (built from the manifest, not a file)."""
@@ -77,13 +119,15 @@ class SocoLinearConfig(QuantizationConfig):
     def __init__(self, manifest: Manifest):
         super().__init__()
         self.manifest = manifest
-        # basis-group key -> the one shared shrink Parameter of that group's layers
-        self.shared_v: dict[tuple[Any, ...], Parameter] = {}
-        # basis id -> the (layer, segment index) pairs whose shrink rows hold it, one per distinct tensor
-        self.basis_targets: dict[str, list[tuple[LinearBase, int]]] = {}
+        # the bases of a shared shrink part -> the one Parameter of the layers that hold that part
+        self.shared_v: dict[tuple[str, ...], Parameter] = {}
+        # every shrink Parameter (loaded by the soco loader, not by the model's load_weights)
+        self.shrink_params: list[Parameter] = []
+        # checkpoint tensor -> the (layer, segment index) pairs it loads into, one per distinct Parameter
+        self.shrink_targets: dict[str, list[tuple[LinearBase, int]]] = {}
         # id of a loaded shrink Parameter -> (that Parameter, kept so the id stays its own; its
-        # panels for the CPU kernel; its shape): a shared basis is packed once
-        self.cpu_shrink: dict[int, tuple[Parameter, Parameter, tuple[int, int]]] = {}
+        # panels for the CPU kernel): a shared part is packed once
+        self.cpu_shrink: dict[int, tuple[Parameter, Parameter]] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -153,31 +197,41 @@ class SocoLowRankLinearMethod(LinearMethodBase):
         if layer.soco_reduce:
             layer.reduce_results = False
 
-        v_shape = (sum(ranks), input_size_per_partition)
-        bases = tuple(s.entry.basis for s in self.segments)
-        if all(s.entry.kind == "shared" for s in self.segments):
-            v = self.config.shared_v.get(bases)
-            if v is None:
-                v = self.config.shared_v[bases] = Parameter(torch.empty(v_shape, dtype=params_dtype),
-                                                            requires_grad=False)
-                for j, s in enumerate(self.segments):
-                    self.config.basis_targets.setdefault(s.entry.basis, []).append((layer, j))
-        else:
-            v = Parameter(torch.empty(v_shape, dtype=params_dtype), requires_grad=False)
-            if any(s.entry.kind == "shared" for s in self.segments):
-                logger.warning("layer %s mixes shared and private factors: its shared bases are copied "
-                               "into the layer", layer.prefix)
-            for j, s in enumerate(self.segments):
-                if s.entry.kind == "shared":
-                    self.config.basis_targets.setdefault(s.entry.basis, []).append((layer, j))
-        if not hasattr(v, "weight_loader"):  # a shared basis tensor is created, and set up, once
-            set_weight_attrs(v, {"weight_loader": self._load_v})
-        layer.register_parameter("lowrank_v", v)
+        layer.soco_in_part = input_size_per_partition
+        parts = plan_shrink_parts(self.segments)
+        layer.soco_v_names = ("lowrank_v",) if len(parts) == 1 else tuple(f"lowrank_v{i}" for i in range(len(parts)))
+        layer.soco_v_slots = [("", 0)] * len(self.segments)  # per segment: (its part's name, first row there)
+        for name, part in zip(layer.soco_v_names, parts):
+            v, load_here = self._shrink_param(layer, part, (sum(ranks[j] for j in part.segments),
+                                                            input_size_per_partition), params_dtype)
+            layer.register_parameter(name, v)
+            row = 0
+            for j in part.segments:
+                layer.soco_v_slots[j] = (name, row)
+                row += ranks[j]
+                if load_here:
+                    self.config.shrink_targets.setdefault(self.segments[j].shrink_tensor, []).append((layer, j))
 
         u_numel = sum(part * r for s, part, r in zip(self.segments, output_partition_sizes, ranks) if not s.identity)
         u = Parameter(torch.empty(u_numel, dtype=params_dtype), requires_grad=False)
         layer.register_parameter("lowrank_u", u)
         set_weight_attrs(u, {"weight_loader": self._load_u})
+
+    def _shrink_param(self, layer: LinearBase, part: ShrinkPart, shape: tuple[int, int],
+                      dtype: torch.dtype) -> tuple[Parameter, bool]:
+        """The Parameter of one shrink part, and whether it is new (its tensors load through this layer)."""
+        config = self.config
+        if part.bases is not None and part.bases in config.shared_v:
+            return config.shared_v[part.bases], False
+        v = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+        config.shrink_params.append(v)
+        if part.bases is not None:
+            config.shared_v[part.bases] = v
+            held = [key for key in config.shared_v if key != part.bases and set(key) & set(part.bases)]
+            if held:
+                logger.warning("layer %s: shared bases %s are held again (also in the part of %s): the layers of "
+                               "one group do not share the same segments", layer.prefix, part.bases, held[0])
+        return v, True
 
     # -- loading ------------------------------------------------------------------------------
     def _segment(self, layer: LinearBase, shard_id: Any) -> int:
@@ -202,36 +256,31 @@ class SocoLowRankLinearMethod(LinearMethodBase):
     def _in_cols(self, layer: LinearBase, t: torch.Tensor) -> torch.Tensor:
         if not layer.soco_row_parallel:
             return t
-        part = layer.lowrank_v.shape[1]
+        part = layer.soco_in_part
         return t.narrow(1, layer.tp_rank * part, part)
 
-    def _check(self, layer: LinearBase, what: str, j: int, got: torch.Tensor, shape: tuple[int, ...]) -> None:
+    @staticmethod
+    def _check(layer: LinearBase, tensor: str, got: torch.Tensor, shape: tuple[int, ...]) -> None:
         if tuple(got.shape) != tuple(shape):
             raise CheckpointError(
-                f"{self.segments[j].hf_name}.{what}: shape {list(got.shape)} disagrees with the manifest "
+                f"{tensor}: shape {list(got.shape)} disagrees with the manifest "
                 f"(expected {list(shape)} for layer {layer.prefix!r})"
             )
 
-    def load_segment_v(self, layer: LinearBase, j: int, loaded: torch.Tensor, what: str) -> None:
-        """Copy segment ``j``'s shrink rows (a low-rank V, a basis, or a dense weight) into place."""
+    def load_segment_v(self, layer: LinearBase, j: int, loaded: torch.Tensor) -> None:
+        """Copy segment ``j``'s shrink rows (a low-rank V, a basis, or a dense weight) into its part."""
         seg = self.segments[j]
         full_rows = seg.entry.out_features if seg.identity else seg.entry.rank
-        self._check(layer, what, j, loaded, (full_rows, seg.entry.in_features))
+        self._check(layer, seg.shrink_tensor, loaded, (full_rows, seg.entry.in_features))
         rows = self._in_cols(layer, self._out_rows(layer, j, loaded) if seg.identity else loaded)
-        start = sum(layer.soco_ranks[:j])
-        layer.lowrank_v.data.narrow(0, start, layer.soco_ranks[j]).copy_(rows)
-
-    def _load_v(self, param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        layer = self.layer
-        j = self._segment(layer, shard_id)
-        what = "weight" if self.segments[j].identity else "lowrank_v"
-        self.load_segment_v(layer, j, loaded, what)
+        name, start = layer.soco_v_slots[j]
+        getattr(layer, name).data.narrow(0, start, layer.soco_ranks[j]).copy_(rows)
 
     def _load_u(self, param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         layer = self.layer
         j = self._segment(layer, shard_id)
         seg = self.segments[j]
-        self._check(layer, "lowrank_u", j, loaded, (seg.entry.out_features, seg.entry.rank))
+        self._check(layer, u_name(seg.hf_name), loaded, (seg.entry.out_features, seg.entry.rank))
         offset = sum(p * r for s, p, r in zip(self.segments[:j], layer.soco_out_parts, layer.soco_ranks)
                      if not s.identity)
         part, rank = layer.soco_out_parts[j], layer.soco_ranks[j]
@@ -249,22 +298,24 @@ class SocoLowRankLinearMethod(LinearMethodBase):
             else:
                 us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
                 offset += part * r
-        layer.soco_cpu = None  # CPU kernel: (rank_total, out_features)
-        v = layer.lowrank_v
-        if v.device.type == "cpu" and v.dtype == torch.float32 and cpu_lowrank.available():
+        layer.soco_cpu = None  # CPU kernel: (rows of each shrink part, out_features)
+        first_v = getattr(layer, layer.soco_v_names[0])
+        if first_v.device.type == "cpu" and first_v.dtype == torch.float32 and cpu_lowrank.available():
             # The panels replace the loaded factors: the layer holds one copy of each, and a shared
-            # basis is packed once, into one Parameter, for its whole group.
-            cached = self.config.cpu_shrink.get(id(v))
-            if cached is None:
-                panels = Parameter(cpu_lowrank.pack_panels(v.data), requires_grad=False)
-                cached = self.config.cpu_shrink[id(v)] = (v, panels, tuple(v.shape))
-                v.data = v.data.new_empty(0)
-            _, panels, v_shape = cached
-            cpu = cpu_lowrank.CpuLowRank.build(panels.data, v_shape, us, list(layer.soco_ranks))
-            layer.lowrank_v = panels
+            # part is packed once, into one Parameter, for its whole group.
+            for name in layer.soco_v_names:
+                v = getattr(layer, name)
+                cached = self.config.cpu_shrink.get(id(v))
+                if cached is None:
+                    panels = Parameter(cpu_lowrank.pack_panels(v.data), requires_grad=False)
+                    cached = self.config.cpu_shrink[id(v)] = (v, panels)
+                    v.data = v.data.new_empty(0)
+                setattr(layer, name, cached[1])
+            cpu = cpu_lowrank.CpuLowRank.build([getattr(layer, n).data for n in layer.soco_v_names],
+                                               layer.soco_in_part, us, list(layer.soco_ranks))
             layer.lowrank_u = Parameter(cpu.u, requires_grad=False)
             layer.register_buffer("soco_meta", cpu.meta, persistent=False)
-            layer.soco_cpu = (cpu.rank_total, cpu.out_features)
+            layer.soco_cpu = (cpu.v_ranks, cpu.out_features)
             logger.info_once("soco: low-rank layers run the fused CPU kernel (%s)",
                              torch.backends.cpu.get_cpu_capability())
             layer.soco_expand = None
@@ -277,18 +328,19 @@ class SocoLowRankLinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         cpu = layer.soco_cpu
+        v = tuple(getattr(layer, name) for name in layer.soco_v_names)
         if not layer.soco_reduce:
             if cpu is not None:
-                return cpu_lowrank.forward(x, layer.lowrank_v, layer.lowrank_u, layer.soco_meta, bias, *cpu)
-            return lowrank_forward(x, layer.lowrank_v, layer.soco_expand, bias)
+                return cpu_lowrank.forward(x, v, layer.lowrank_u, layer.soco_meta, bias, *cpu)
+            return lowrank_forward(x, v, layer.soco_expand, bias)
         # Row-parallel under TP: reduce the rank-sized partial products, then expand on every
         # rank; the bias (which vLLM passes on rank 0 only) is added everywhere.
         from vllm.distributed import tensor_model_parallel_all_reduce
 
         if cpu is not None:
-            rank_total, out_features = cpu
-            h = tensor_model_parallel_all_reduce(cpu_lowrank.shrink(x, layer.lowrank_v, rank_total))
+            v_ranks, out_features = cpu
+            h = tensor_model_parallel_all_reduce(cpu_lowrank.shrink(x, v, v_ranks))
             y = cpu_lowrank.expand(h, layer.lowrank_u, layer.soco_meta, layer.bias, out_features)
             return y.view(*x.shape[:-1], out_features)
-        h = tensor_model_parallel_all_reduce(torch.matmul(x, layer.lowrank_v.t()))
+        h = tensor_model_parallel_all_reduce(lowrank_shrink(x, v))
         return lowrank_expand(h, layer.soco_expand, layer.bias)

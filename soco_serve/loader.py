@@ -3,8 +3,9 @@
 Serve: read manifest → build layers (vLLM's model class, each linear asking
 :class:`~soco_serve.linear.SocoLinearConfig` for its method) → load tensors (through the model's
 own ``load_weights``, so fused q/k/v and gate/up, tied embeddings and TP sharding work as for any
-checkpoint; shared bases go straight to the one tensor of their group) → vLLM's
-``process_weights_after_loading`` → run.
+checkpoint; the low-rank layers' shrink rows, shared bases included, go straight to their
+tensors, a shared basis to the one tensor of its group) → vLLM's ``process_weights_after_loading``
+→ run.
 
 Everything is checked before vLLM reports the server healthy: the manifest (format version,
 basis ids), every tensor's presence, shape and dtype against it, and that every parameter of the
@@ -26,7 +27,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 
-from soco_serve.layout import BASIS_PREFIX, WEIGHT_SUFFIX, CheckpointError, CheckpointReader, v_name
+from soco_serve.layout import CheckpointError, CheckpointReader
 from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
 
 logger = init_logger("vllm.soco_serve.loader")
@@ -76,34 +77,25 @@ class SocoModelLoader(BaseModelLoader):
             raise RuntimeError("SocoModelLoader.load_weights needs a model built by its create_model")
         reader = CheckpointReader(model_config.model)
         cfg = self._config
-        lowrank_linears = {
-            s.hf_name
-            for m in model.modules()
-            if isinstance(getattr(m, "quant_method", None), SocoLowRankLinearMethod)
-            for s in m.quant_method.segments
-        }
-        bases_loaded: set[str] = set()
+        shrink_loaded: set[str] = set()
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             for name in reader.names():
+                targets = cfg.shrink_targets.get(name)
+                if targets is None:
+                    yield name, reader.get(name)
+                    continue
                 t = reader.get(name)
-                if name.startswith(BASIS_PREFIX):
-                    basis_id = name[len(BASIS_PREFIX):]
-                    for layer, j in cfg.basis_targets.get(basis_id, []):
-                        layer.quant_method.load_segment_v(layer, j, t, name)
-                    bases_loaded.add(basis_id)
-                elif name.endswith(WEIGHT_SUFFIX) and name[: -len(WEIGHT_SUFFIX)] in lowrank_linears:
-                    # a dense part of a fused low-rank layer: its rows are shrink rows (identity segment)
-                    yield v_name(name[: -len(WEIGHT_SUFFIX)]), t
-                else:
-                    yield name, t
+                for layer, j in targets:
+                    layer.quant_method.load_segment_v(layer, j, t)
+                shrink_loaded.add(name)
 
         loaded = model.load_weights(weights())
-        missing_bases = set(cfg.basis_targets) - bases_loaded
-        if missing_bases:
-            raise CheckpointError(f"{model_config.model}: shared bases never loaded: {sorted(missing_bases)}")
-        shared = {id(p) for p in cfg.shared_v.values()}
-        params = {n for n, p in model.named_parameters() if id(p) not in shared}
+        never = set(cfg.shrink_targets) - shrink_loaded
+        if never:
+            raise CheckpointError(f"{model_config.model}: shrink tensors never loaded: {sorted(never)[:8]}")
+        shrink = {id(p) for p in cfg.shrink_params}
+        params = {n for n, p in model.named_parameters() if id(p) not in shrink}
         if loaded is not None:
             not_loaded = sorted(params - set(loaded))
             if not_loaded:
