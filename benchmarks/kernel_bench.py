@@ -13,6 +13,9 @@ Methods (random weights; the time does not depend on the values):
   triton_fused      kernels.triton_lowrank, mode "fused"    one launch, h recomputed per tile (CUDA)
   triton_two_phase  kernels.triton_lowrank, "two_phase"     cuBLAS shrink + one expand launch (CUDA)
   dispatched        kernels.lowrank_forward                 what serving runs (picks one of the above)
+  dispatched_parts  the same, V in two parts                fused shapes: the first segment's rows in a
+                                                            tensor of their own (a shared q or gate basis
+                                                            beside the layer's own rows), so two-phase on CUDA
 
 Reported per row: median time (CUDA: triton.testing.do_bench, L2 flushed before each call, or
 the CUDA-graph timer with --cuda-graph; CPU: a simple median timer), achieved bandwidth = bytes
@@ -102,6 +105,10 @@ def methods(
         calls["triton_fused"] = lambda: triton_lowrank.launch(x, v, packed, mode="fused")
         calls["triton_two_phase"] = lambda: triton_lowrank.launch(x, v, packed, mode="two_phase")
     calls["dispatched"] = lambda: lowrank_forward(x, v, packed)
+    if packed.num_segments > 1:
+        first = packed.segments[0].rank
+        parts = (v[:first], v[first:])
+        calls["dispatched_parts"] = lambda: lowrank_forward(x, parts, packed)
     return calls
 
 
