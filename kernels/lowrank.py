@@ -257,7 +257,8 @@ def _plan_segments(us: Sequence[torch.Tensor | None], ranks: Sequence[int],
 
 
 def check_inputs(x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None) -> None:
-    """Raise a clear error unless ``x [..., in]``, ``v_cat [R, in]`` (or its parts), ``packed`` and ``bias`` fit together.
+    """Raise a clear error unless ``x [..., in]``, ``v_cat [R, in]`` (or its parts), ``packed`` and
+    ``bias`` fit together.
 
     Only shape, dtype and device metadata are read (no host sync), so this is safe on the hot path.
     """
@@ -368,7 +369,8 @@ def check_gated(packed: PackedExpand) -> None:
 def lowrank_forward_torch(
     x: torch.Tensor, v_cat: ShrinkFactors, packed: PackedExpand, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The torch path of :func:`lowrank_forward` (any device): one shrink product (per part), one product per segment."""
+    """The torch path of :func:`lowrank_forward` (any device): one shrink product (per part of
+    ``v_cat``), one product per segment."""
     check_inputs(x, v_cat, packed, bias)
     y = _torch_forward_2d(x.reshape(-1, x.shape[-1]), v_cat, packed, bias)
     return y.view(*x.shape[:-1], packed.total_out)

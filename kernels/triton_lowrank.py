@@ -18,9 +18,10 @@ needs in full, so there are two sensible ways to run it, both implemented by one
 
 :func:`choose_mode` picks by the bytes of ``V`` the fused form would re-read, against
 :data:`FUSED_REREAD_BUDGET_BYTES`. A layer whose ``V`` comes in parts (a basis shared with other
-layers beside the layer's own rows) always runs two-phase: the fused kernel reads one ``V``. A single grid-synchronised launch (phase 1, grid barrier,
-phase 2) would avoid both costs but deadlocks unless every program is resident at once (MPS, MIG,
-concurrent kernels) and cannot run under the interpreter, so it is deliberately not used.
+layers beside the layer's own rows) always runs two-phase: the fused kernel reads one ``V``.
+A single grid-synchronised launch (phase 1, grid barrier, phase 2) would avoid both costs but
+deadlocks unless every program is resident at once (MPS, MIG, concurrent kernels) and cannot run
+under the interpreter, so it is deliberately not used.
 
 Both modes handle any number of segments in one launch: the grid runs over the output tiles of all
 segments, and each program finds its segment from the int32 table ``PackedExpand.meta`` on the
@@ -47,7 +48,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import META_FIELDS, U_ROW_ALIGN, PackedExpand, ShrinkFactors, check_gated, check_inputs, shrink_2d, shrink_parts
+from .lowrank import (
+    META_FIELDS,
+    U_ROW_ALIGN,
+    PackedExpand,
+    ShrinkFactors,
+    check_gated,
+    check_inputs,
+    shrink_2d,
+    shrink_parts,
+)
 
 Mode = Literal["auto", "fused", "two_phase"]
 
@@ -264,7 +274,8 @@ def _output(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor
 
 
 def _shrink(x2d: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Phase 1 of two-phase: ``h = x v_catᵀ`` by cuBLAS (one product per part of ``V``), rows padded to 16 elements.
+    """Phase 1 of two-phase: ``h = x v_catᵀ`` by cuBLAS (one product per part of ``V``), rows
+    padded to 16 elements.
 
     The padded row stride is divisible by 16, which Triton specialises on; with ranks that are
     multiples of :data:`U_ROW_ALIGN` every segment's slice of ``h`` then starts aligned.

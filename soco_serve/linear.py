@@ -172,7 +172,7 @@ class SocoLinearConfig(QuantizationConfig):
 
 
 class SocoLowRankLinearMethod(LinearMethodBase):
-    """``y = expand(x · lowrank_vᵀ)``, one shrink for all segments of the layer."""
+    """``y = expand(x · v_catᵀ)``, one shrink for all segments of the layer (one product per shrink part)."""
 
     def __init__(self, config: SocoLinearConfig, segments: list[SegmentSpec]):
         self.config = config
