@@ -128,6 +128,22 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, cpu_reps: int = 20) 
     return statistics.median(samples) * 1e3
 
 
+def time_ms_interleaved(fns: dict[str, Callable[[], Any]], *, reps: int = 20) -> dict[str, float]:
+    """Median CPU milliseconds per call of each of ``fns``, timed in turns (one call of each per
+    round, the order rotated every round), so that a neighbour's load or a clock change on a shared
+    machine falls on all of them alike rather than on whichever ran at that moment."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What produced a result: device, library versions, time."""
     info: dict[str, Any] = {

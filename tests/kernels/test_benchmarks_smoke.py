@@ -42,3 +42,23 @@ def test_cpu_name_tells_cpu_families_apart():
     assert cpu_name(info.format(25)) == "CPU AMD EPYC (family 25)"
     assert cpu_name(info.format(26)) != cpu_name(info.format(25))
     assert cpu_name("model name\t: Some ARM core\n") == "CPU Some ARM core"
+
+
+def test_interleaved_timer_takes_turns():
+    """Every function is warmed up once, then called once per round, in an order rotated per round."""
+    from kernels.benchmarking import time_ms_interleaved
+
+    order: list[str] = []
+    ms = time_ms_interleaved({name: (lambda n=name: order.append(n)) for name in "abc"}, reps=3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert set(ms) == set("abc") and all(v >= 0 for v in ms.values())
+
+
+def test_cpu_kernel_bench_writes_parts_column(tmp_path):
+    """The CPU kernel benchmark (needs vLLM's oneDNN ops), one decoder layer, with the parts column."""
+    _load("cpu_kernel_bench").main(["--layers", "1", "--tokens", "1,3", "--reps", "2", "--parts", "--name", "smoke",
+                                     "--out-dir", str(tmp_path)])
+    (result,) = tmp_path.glob("cpu_kernel_smoke_cpu*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 3]
+    assert all(set(r["ms"]) == {"dense", "onednn_lowrank", "soco_kernel", "soco_kernel_parts"} for r in rows)
