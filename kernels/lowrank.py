@@ -405,10 +405,9 @@ def shrink_2d(x2d: torch.Tensor, parts: Sequence[torch.Tensor], out: torch.Tenso
 
 def lowrank_shrink(x: torch.Tensor, v_cat: ShrinkFactors) -> torch.Tensor:
     """The shrink half alone: ``x [..., in] -> h [..., R]`` (row-parallel layers all-reduce ``h``
-    before :func:`lowrank_expand`)."""
+    before :func:`lowrank_expand`). Plain products, so that it traces under torch.compile."""
     parts = shrink_parts(v_cat)
-    h = shrink_2d(x.reshape(-1, x.shape[-1]), parts)
-    return h.view(*x.shape[:-1], h.shape[-1])
+    return torch.matmul(x, parts[0].t()) if len(parts) == 1 else torch.cat([torch.matmul(x, v.t()) for v in parts], -1)
 
 
 def lowrank_expand(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -115,3 +115,13 @@ def test_gated_torch_path(make_layer, check_close):
     x = torch.randn(9, 12)
     gate, up = lowrank_forward_reference(x, layer.v_cat, layer.packed).split(16, dim=-1)
     check_close(torch.ops.soco_lowrank.forward(*_args(layer, x, gated=True)), F.silu(gate) * up)
+
+
+def test_shrink_in_parts_traces(make_layer, check_close):
+    """The shrink alone (row-parallel layers under TP), with V in parts, compiles as one graph."""
+    layer = make_layer(12, QKV)
+    parts = layer.v_cat.split([8, 11])
+    fn = torch.compile(lambda x: lowrank.lowrank_shrink(x, parts), backend="aot_eager", fullgraph=True, dynamic=True)
+    for tokens in (1, 5):
+        x = torch.randn(2, tokens, 12)
+        check_close(fn(x), x.double() @ layer.v_cat.double().T)
