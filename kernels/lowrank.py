@@ -382,32 +382,35 @@ def _torch_forward_2d(
     """One shrink GEMM per part, then each segment's GEMM written straight into its column block of ``out``.
 
     BLAS takes the strided column blocks (``h`` slices, ``out`` slices, transposed ``U`` views)
-    as leading dimensions, so nothing is copied or concatenated; the Python work is per
-    segment, never per token.
+    as leading dimensions, so nothing is copied (but ``h`` [tokens, R], concatenated when
+    ``v_cat`` comes in parts); the Python work is per segment, never per token.
     """
     return _expand_2d(shrink_2d(x2d, shrink_parts(v_cat)), packed, bias)
 
 
 def shrink_2d(x2d: torch.Tensor, parts: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """``h = x v_catᵀ`` from ``v_cat``'s row blocks: each block's product into its columns of ``h``.
+    """``h = x v_catᵀ`` from ``v_cat``'s row blocks.
 
-    ``out`` (optional): ``[tokens, R]``, any row stride. One block and no ``out``: one plain product.
+    Without ``out``: plain products (concatenated for several blocks), so that it traces under
+    torch.compile. With ``out`` (``[tokens, R]``, any row stride, e.g. the Triton path's padded
+    ``h``): each block's product written into its columns.
     """
-    if len(parts) == 1 and out is None:
-        return torch.mm(x2d, parts[0].t())
-    h = x2d.new_empty(x2d.shape[0], sum(v.shape[0] for v in parts)) if out is None else out
+    if out is None:
+        if len(parts) == 1:
+            return torch.mm(x2d, parts[0].t())
+        return torch.cat([torch.mm(x2d, v.t()) for v in parts], dim=1)
     start = 0
     for v in parts:
-        torch.mm(x2d, v.t(), out=h[:, start : start + v.shape[0]])
+        torch.mm(x2d, v.t(), out=out[:, start : start + v.shape[0]])
         start += v.shape[0]
-    return h
+    return out
 
 
 def lowrank_shrink(x: torch.Tensor, v_cat: ShrinkFactors) -> torch.Tensor:
     """The shrink half alone: ``x [..., in] -> h [..., R]`` (row-parallel layers all-reduce ``h``
-    before :func:`lowrank_expand`). Plain products, so that it traces under torch.compile."""
-    parts = shrink_parts(v_cat)
-    return torch.matmul(x, parts[0].t()) if len(parts) == 1 else torch.cat([torch.matmul(x, v.t()) for v in parts], -1)
+    before :func:`lowrank_expand`)."""
+    h = shrink_2d(x.reshape(-1, x.shape[-1]), shrink_parts(v_cat))
+    return h.view(*x.shape[:-1], h.shape[-1])
 
 
 def lowrank_expand(h: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None = None) -> torch.Tensor:
