@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/quality.py --methods svd-llm,basis-sharing,soco,soco-shared,soco-onerun
     .venv/bin/python benchmarks/quality.py --eval-text my_domain.txt --name mydomain
 
-The dense model is loaded, evaluated and calibrated once; every (method, ratio) cell then
-decomposes from the same Gram statistics and is evaluated in memory (no checkpoint written).
-Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped (a run
+Every (method, ratio) cell is one run of the compressor (``compress.pipeline.run``, the code
+path of ``soco-compress``) on the same calibration windows and seed, written to a temporary
+folder and evaluated by the run itself. Each finished cell is cached in the JSON, so an interrupted run resumes where it stopped (a run
 with another model, calibration or evaluation setting than the file's starts the file afresh).
 Writes ``benchmarks/results/quality_<name>.json``, ``.md``, ``.png`` (perplexity against ratio) and
 ``_ranks.png`` (the kept rank per layer and matrix type of every method at ``--rank-ratio``, to see
@@ -27,10 +27,10 @@ cells are recomputed when the soco settings differ from the cached ones.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import shutil
 import sys
-import time
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -39,18 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compress import data, evaluate  # noqa: E402
-from compress.hf_loader import install_factors  # noqa: E402
-from compress.pipeline import (  # noqa: E402
-    METHODS,
-    CompressConfig,
-    Timer,
-    add_fisher,
-    compress_prepared,
-    compress_prepared_ratios,
-    prepare,
-    ranks_table,
-)
+from compress import data, evaluate, models  # noqa: E402
+from compress.config import CompressConfig  # noqa: E402
+from compress.hf_loader import load_soco_model  # noqa: E402
+from compress.methods import REGISTRY  # noqa: E402
+from compress.pipeline import ratio_dir, run  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
 from kernels.benchmarking import device_name  # noqa: E402
 
@@ -72,7 +65,7 @@ class BenchMethod(NamedTuple):
 
 
 BENCH_METHODS = {
-    **{m: BenchMethod(m, 2 if m == "basis-sharing" else 1) for m in METHODS if m != "soco"},
+    **{m: BenchMethod(m, 2 if m == "basis-sharing" else 1) for m in REGISTRY if m != "soco"},
     "basis-sharing-noupdate": BenchMethod("basis-sharing", 2, coefficient_update="off"),
     "soco": BenchMethod("soco"),
     "soco-shared": BenchMethod("soco", 2),
@@ -126,25 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len, seed=a.soco_seed)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
                           eval_windows=a.eval_windows, seq_len=a.seq_len, progress=False, soco=soco_cfg)
-    timer = Timer()
-    print("preparing: load, dense perplexity, calibration statistics ...", flush=True)
-    prep = prepare(base, timer, need_grams=True)
-    if results.get("model", str(prep.source)) != str(prep.source):
+    model_path = str(models.resolve_model(a.model))
+    if results.get("model", model_path) != model_path:
         print(f"{out_json} holds cells of {results['model']}: starting it afresh", flush=True)
         results = {"cells": {}}
         cells = results["cells"]
-    assert prep.dense_ppl is not None and prep.eval_windows is not None
     extra_windows = None
     if a.eval_text:
-        extra_windows = data.text_eval_windows(prep.tokenizer, a.eval_text, a.seq_len, a.eval_windows)
-        extra = evaluate.perplexity(prep.model, extra_windows, progress=False)
+        dense, tok, _ = models.load_model(model_path)
+        extra_windows = data.text_eval_windows(tok, a.eval_text, a.seq_len, a.eval_windows)
+        extra = evaluate.perplexity(dense, extra_windows, progress=False)
         results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
-    results.update(
-        model=str(prep.source), device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-        calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len,
-        eval_tokens=prep.dense_ppl.tokens, ppl_dense=prep.dense_ppl.ppl, prepare_seconds=timer.seconds,
-    )
-    dense_model = prep.model
+        del dense
+    results.update(model=model_path, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+                   calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
     soco_settings = asdict(soco_cfg)
 
     def config(method: str, ratio: float) -> CompressConfig:
@@ -157,50 +145,46 @@ def main(argv: list[str] | None = None) -> int:
                 and c.get("coefficient_update") == config(method, ratio).refit
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
-    def record(key: str, method: str, ratio: float, manifest, dec, cfg: CompressConfig, seconds: float) -> None:
-        compressed = prep.model if cfg.refit else copy.deepcopy(dense_model)
-        install_factors(compressed, manifest, dec.tensors.__getitem__, next(dense_model.parameters()).dtype)
-        ppl = evaluate.perplexity(compressed, prep.eval_windows, progress=False)
-        cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": manifest.achieved_ratio,
-                      "model_ratio": manifest.model_ratio, "ppl": ppl.ppl, "coefficient_update": cfg.refit,
-                      "seconds": round(seconds, 1), "device": results["device"], "ranks": ranks_table(manifest, prep.refs)}
+    def record(key: str, method: str, ratio: float, report: dict, ckpt: Path) -> None:
+        results.update(ppl_dense=report["ppl_dense"], eval_tokens=report["eval_tokens"])
+        seconds = {k: v for k, v in report["seconds"].items() if k not in ("evaluate", "write", "total")}
+        cells[key] = {"method": method, "target_ratio": ratio, "achieved_ratio": report["achieved_ratio"],
+                      "model_ratio": report["model_ratio"], "ppl": report["ppl_compressed"],
+                      "coefficient_update": report["settings"]["coefficient_update"],
+                      "seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds,
+                      "device": results["device"], "ranks": report["ranks"]}
         if extra_windows is not None:
-            cells[key].update(eval_text=a.eval_text,
-                              ppl_eval_text=evaluate.perplexity(compressed, extra_windows, progress=False).ppl)
-        del compressed
-        if dec.log:
-            cells[key].update(soco_settings=soco_settings, soco_final=dec.log["final"],
-                              soco_trained_for=dec.log["trained_for"], soco_seconds=dec.log["seconds"],
+            cells[key].update(eval_text=a.eval_text, ppl_eval_text=evaluate.perplexity(
+                load_soco_model(ckpt), extra_windows, progress=False).ppl)
+        log = report.get("soco")
+        if log:
+            cells[key].update(soco_settings=soco_settings, soco_final=log["final"],
+                              soco_trained_for=log["trained_for"], soco_seconds=log["seconds"],
                               soco_stages={k: {f: v.get(f) for f in ("end_step", "kl_end", "ratio_end", "seconds")}
-                                           for k, v in dec.log["stages"].items()})
-        print(f"{key:>22}: ppl {ppl.ppl:.3f} (achieved {manifest.achieved_ratio:.4f}, "
+                                           for k, v in log["stages"].items()})
+        print(f"{key:>22}: ppl {cells[key]['ppl']:.3f} (achieved {report['achieved_ratio']:.4f}, "
               f"{cells[key]['seconds']} s)", flush=True)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
-    for method in methods:
-        name, one_run = BENCH_METHODS[method].method, BENCH_METHODS[method].one_run
-        todo = [r for r in ratios if not cached(method, r)]
-        if todo and METHODS[name].needs_fisher and prep.fisher is None:
-            print("gradient statistics for fwsvd ...", flush=True)
-            add_fisher(prep, base, timer)
-            results["prepare_seconds"] = timer.seconds
-        for r in ratios:
-            if r not in todo:
-                print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
-        if one_run and todo:  # one training run, every ratio (cached ones too: same scores for all)
-            cfg = replace(config(method, min(ratios)), ratios=tuple(ratios))
-            t0 = time.perf_counter()
-            outs = compress_prepared_ratios(prep, cfg, Timer())
-            for r, (manifest, dec) in zip(ratios, outs):
-                record(cell_key(method, r), method, r, manifest, dec, cfg, time.perf_counter() - t0)
-            continue
-        for ratio in todo:
-            cfg = config(method, ratio)
-            t0 = time.perf_counter()
-            prep.model = copy.deepcopy(dense_model) if cfg.refit else dense_model
-            manifest, dec = compress_prepared(prep, cfg, Timer())
-            record(cell_key(method, ratio), method, ratio, manifest, dec, cfg, time.perf_counter() - t0)
-            prep.model = dense_model
+    scratch = Path(tempfile.mkdtemp(prefix="quality-"))
+    try:
+        for method in methods:
+            one_run = BENCH_METHODS[method].one_run
+            todo = [r for r in ratios if not cached(method, r)]
+            for r in ratios:
+                if r not in todo:
+                    print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
+            runs = [(tuple(ratios), ratios)] if one_run and todo else [((), [r]) for r in todo]
+            for multi, rs in runs:  # a one-run row: one training run, every ratio (cached ones too)
+                cfg = replace(config(method, min(rs)), ratios=multi, output=scratch / method, force=True)
+                report = run(cfg)
+                for r in rs:
+                    ckpt = ratio_dir(cfg.output, r) if len(rs) > 1 else cfg.output
+                    rep = report["checkpoints"][str(ckpt)] if len(rs) > 1 else report
+                    record(cell_key(method, r), method, r, rep, ckpt)
+                shutil.rmtree(cfg.output, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, methods, ratios, RESULTS / f"quality_{a.name}.md")
     plot(results, methods, ratios, RESULTS / f"quality_{a.name}.png")

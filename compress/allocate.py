@@ -72,13 +72,14 @@ def plan_ranks(refs: list[LinearRef], ratio: float, *, group_size: int = 1, shar
                force_factorize: bool = False, full_rank: bool = False) -> Plan:
     """Uniform ranks per matrix (SVD, SVD-LLM) or per group of layers (Basis Sharing).
 
-    ``group_size > 1`` shares one basis per ``shared_kinds`` matrix across that many adjacent
+    Each ``shared_kinds`` matrix shares one basis across ``group_size`` adjacent
     layers (the last group may be smaller); other kinds stay private. ``full_rank`` factorizes
     everything at its full rank (``ratio`` ignored), which must reproduce the dense model.
     """
     if not full_rank:
         check_ratio(ratio)
-    n_layers = 1 + max(r.layer for r in refs)
+    first, last = min(r.layer for r in refs), max(r.layer for r in refs)
+    n_layers = last - first + 1
     if group_size < 1 or group_size > n_layers:
         raise AllocationError(f"--group-size must be between 1 and the model's {n_layers} layers, got {group_size}")
     plan = Plan()
@@ -89,8 +90,8 @@ def plan_ranks(refs: list[LinearRef], ratio: float, *, group_size: int = 1, shar
     if unknown:
         raise AllocationError(f"--shared-types names {sorted(unknown)}; this model's matrix types are {sorted(by_kind)}")
     for kind, members in by_kind.items():
-        if group_size > 1 and kind in shared_kinds:
-            for start in range(0, n_layers, group_size):
+        if kind in shared_kinds:
+            for start in range(first, last + 1, group_size):
                 grp = [r for r in members if start <= r.layer < start + group_size]
                 d_in, d_out = grp[0].module.in_features, grp[0].module.out_features
                 n = len(grp)

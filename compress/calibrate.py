@@ -1,20 +1,27 @@
-"""Stream calibration activations into Gram statistics, one float64 accumulator per input site.
+"""The statistics stage: activations walked layer by layer, folded into float64 statistics.
 
-Activations are never kept: a forward pre-hook on the first linear of each input site adds
-``XᵀX`` of the batch into the site's accumulator and drops ``X``. Linears that read the same
-activation (q/k/v; gate/up) share one accumulator.
+A forward pre-hook on the first linear of each input site adds ``XᵀX`` of the batch into the
+site's accumulator and drops ``X``. Linears that read the same activation (q/k/v; gate/up) share
+one accumulator, and only the layers being compressed have accumulators at all.
 
-:func:`layer_inputs` and :func:`run_layer` let later stages (the coefficient update) walk the
-model layer by layer on the same calibration batches without re-running earlier layers.
+:func:`layer_inputs` captures what the model feeds its first decoder layer (embeddings, rotary
+tables, masks) from a real forward call, :func:`run_layer` advances a batch list through one
+layer, and :func:`head_logits` finishes from the last layer's output. The pipeline walks every
+stream (dense and compressed, calibration and evaluation) with these three, so no architecture's
+forward is written here. :func:`collect_fisher` does the backward pass the same way, one layer
+at a time, recomputing each layer from its saved input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from pathlib import Path
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,7 +32,16 @@ class CalibrationError(ValueError):
     """Calibration statistics are unusable (empty, NaN or Inf)."""
 
 
-@dataclass
+_LIVE: "weakref.WeakSet[GramStat]" = weakref.WeakSet()
+
+
+def live_stat_bytes() -> int:
+    """Bytes held by every Gram accumulator still alive (the pipeline reports its peak)."""
+    return sum(st.gram.numel() * st.gram.element_size() + st.abs_sum.numel() * st.abs_sum.element_size()
+               for st in list(_LIVE))
+
+
+@dataclass(eq=False)
 class GramStat:
     """Running ``XᵀX`` and ``Σ|x|`` per channel (float64) over ``tokens`` input rows."""
 
@@ -33,9 +49,13 @@ class GramStat:
     abs_sum: torch.Tensor
     tokens: int = 0
 
+    def __post_init__(self) -> None:
+        _LIVE.add(self)
+
     @classmethod
-    def zeros(cls, features: int) -> "GramStat":
-        return cls(torch.zeros(features, features, dtype=torch.float64), torch.zeros(features, dtype=torch.float64))
+    def zeros(cls, features: int, device: torch.device | str = "cpu") -> "GramStat":
+        return cls(torch.zeros(features, features, dtype=torch.float64, device=device),
+                   torch.zeros(features, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
@@ -80,7 +100,8 @@ def attach_gram_hooks(refs: Iterable[LinearRef], grams: GramSet) -> list[torch.u
     """Hook the first linear of every site so its input accumulates into ``grams``."""
     handles = []
     for key, ref in _site_heads(refs).items():
-        st = grams.stats.setdefault(key, GramStat.zeros(ref.module.in_features))
+        st = grams.stats.get(key) or grams.stats.setdefault(
+            key, GramStat.zeros(ref.module.in_features, device_of(ref.module)))
 
         def hook(_mod: nn.Module, args: tuple, st: GramStat = st) -> None:
             st.add(args[0].detach())
@@ -91,58 +112,6 @@ def attach_gram_hooks(refs: Iterable[LinearRef], grams: GramSet) -> list[torch.u
 
 def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(torch.split(windows, batch_size))
-
-
-@torch.no_grad()
-def collect_grams(model: nn.Module, refs: list[LinearRef], windows: torch.Tensor, batch_size: int = 4,
-                  progress: bool = True) -> GramSet:
-    """One dense forward pass over the calibration windows, accumulating every site's ``XᵀX``."""
-    grams = GramSet()
-    handles = attach_gram_hooks(refs, grams)
-    device = next(model.parameters()).device
-    try:
-        for b in tqdm(batches(windows, batch_size), desc="calibrate", unit="batch", disable=not progress):
-            model(input_ids=b.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    grams.check()
-    return grams
-
-
-def collect_fisher(model: nn.Module, refs: list[LinearRef], windows: torch.Tensor, batch_size: int = 4,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
-    """FWSVD's statistic: per linear, the Fisher information of each output row, ``Σ_j (∂L/∂W_ij)²``
-    summed over calibration batches (``L`` the next-token loss of a batch).
-
-    Only the decoder linears' weights take gradients (everything else stays frozen), and each
-    batch's gradients are folded into ``[out]`` float64 sums at once, so memory is one backward
-    pass plus one vector per linear.
-    """
-    weights = [r.module.weight for r in refs]
-    saved = {p: p.requires_grad for p in model.parameters()}
-    fisher = {r.name: torch.zeros(r.module.out_features, dtype=torch.float64) for r in refs}
-    device = weights[0].device
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        for b in tqdm(batches(windows, batch_size), desc="fisher", unit="batch", disable=not progress):
-            b = b.to(device)
-            with torch.enable_grad():
-                loss = model(input_ids=b, labels=b, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise CalibrationError(f"the calibration loss is {loss.item()} (the model overflows on the text)")
-            for r, g in zip(refs, torch.autograd.grad(loss, weights)):
-                fisher[r.name] += g.to(torch.float64).pow(2).sum(1).cpu()
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-    for name, f in fisher.items():
-        if not torch.isfinite(f).all():
-            raise CalibrationError(f"{name}: Fisher information contains NaN or Inf")
-    return fisher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,3 +167,115 @@ def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
         h = layer(li.hidden, **li.kwargs)
         out.append(LayerInput(h[0] if isinstance(h, tuple) else h, li.kwargs))
     return out
+
+
+def device_of(mod: nn.Module) -> torch.device:
+    p = next(mod.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _Replay(nn.Module):
+    """Stands in for the whole decoder stack: returns the hidden states it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert self.hidden is not None
+        return self.hidden
+
+
+def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits given its last decoder layer's output ``hidden`` for ``input_ids``.
+
+    Runs the model's own forward with the decoder stack replaced by a stand-in that returns
+    ``hidden``, so whatever the architecture does after its layers (final norm, head, logit
+    soft-capping) is done by its own code. Gradients flow back to ``hidden``.
+    """
+    owner_name, _, attr = spec.layers.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    layers = getattr(owner, attr)
+    replay = _Replay()
+    replay.hidden = hidden
+    setattr(owner, attr, nn.ModuleList([replay]))
+    try:
+        return model(input_ids=input_ids.to(hidden.device), use_cache=False).logits
+    finally:
+        setattr(owner, attr, layers)
+
+
+def onloaded_params(layer: nn.Module) -> list[nn.Parameter]:
+    return [p for p in layer.parameters() if not p.is_meta]
+
+
+def collect_fisher(run_layers: "LayerSource", model: nn.Module, spec: ArchSpec, refs: list[LinearRef],
+                   windows: torch.Tensor, inputs: list[LayerInput], spill: Callable[[int], Any],
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """FWSVD's statistic: per linear, the Fisher information of each output row, ``Σ_j (∂L/∂W_ij)²``
+    summed over calibration batches (``L`` the next-token loss of a batch), one layer at a time.
+
+    Forward: every layer's input is saved (``spill(i)`` gives a path for layer ``i``; the caller
+    decides where: disk for large models). Backward, from the head down: each layer is onloaded,
+    recomputed from its saved input with gradients on, and given the gradient of its output, which
+    yields its weights' gradients (folded into ``[out]`` float64 sums at once) and the gradient of
+    its input for the layer below. Memory: one layer, one batch's graph, the activations of one
+    layer boundary.
+    """
+    n = len(decoder_layers(model, spec))
+    batch_ids = [b for b in torch.split(windows, inputs[0].hidden.shape[0])] if inputs else []
+    hidden = [li.hidden for li in inputs]
+    for i in tqdm(range(n), desc="fisher forward", unit="layer", disable=not progress):
+        torch.save(hidden, spill(i))
+        with run_layers.loaded([i]) as (layer,):
+            hidden = [h.hidden for h in run_layer(layer, [LayerInput(h, li.kwargs) for h, li in zip(hidden, inputs)])]
+    grads = []
+    with run_layers.outer():
+        for ids, h in zip(batch_ids, hidden):
+            h = h.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = head_logits(model, spec, ids, h)
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       ids[:, 1:].reshape(-1).to(logits.device))
+            if not torch.isfinite(loss):
+                raise CalibrationError(f"the calibration loss is {loss.item()} (the model overflows on the text)")
+            grads.append(torch.autograd.grad(loss, h)[0])
+    fisher: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(n - 1, -1, -1), desc="fisher backward", unit="layer", disable=not progress):
+        saved = torch.load(spill(i), weights_only=True)
+        mine = [r for r in refs if r.layer == i]
+        with run_layers.loaded([i]) as (layer,):
+            live = {r.name: layer.get_submodule(r.spec.path).weight for r in mine}
+            rows = {name: torch.zeros(w.shape[0], dtype=torch.float64) for name, w in live.items()}
+            for w in live.values():
+                w.requires_grad_(True)
+            try:
+                for k, (h, li) in enumerate(zip(saved, inputs)):
+                    h = h.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = layer(h, **li.kwargs)
+                        out = out[0] if isinstance(out, tuple) else out
+                        got = torch.autograd.grad(out, [h, *live.values()], grads[k])
+                    grads[k] = got[0]
+                    for name, g in zip(live, got[1:]):
+                        rows[name] += g.to(torch.float64).pow(2).sum(1).cpu()
+            finally:
+                for w in live.values():
+                    w.requires_grad_(False)
+        Path(spill(i)).unlink(missing_ok=True)
+        for name, f in rows.items():
+            if not torch.isfinite(f).all():
+                raise CalibrationError(f"{name}: Fisher information contains NaN or Inf")
+        fisher.update(rows)
+    return fisher
+
+
+class LayerSource:
+    """What :func:`collect_fisher` needs from the load stage: layers and the outer modules, onloaded
+    for the duration of a ``with`` block (implemented by the pipeline over :class:`~compress.source.Source`)."""
+
+    def loaded(self, layers: list[int]) -> Any:
+        raise NotImplementedError
+
+    def outer(self) -> Any:
+        raise NotImplementedError

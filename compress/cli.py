@@ -12,12 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from . import allocate, calibrate, data, decompose, models, soco
-from .pipeline import DEFAULT_SHARED_KINDS, METHODS, CompressConfig
+from . import allocate, calibrate, data, decompose, methods, models, soco, workdir
+from .config import DEFAULT_SHARED_KINDS, CompressConfig
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
-    decompose.DecompositionError, soco.SocoError, FileExistsError, FileNotFoundError, ValueError,
+    decompose.DecompositionError, soco.SocoError, workdir.RunStateError, workdir.DiskFullError,
+    FileExistsError, FileNotFoundError, ValueError,
 )
 
 
@@ -66,9 +67,13 @@ def compress_parser() -> argparse.ArgumentParser:
                         "SmolLM2-135M-Instruct")
     p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write (must not exist)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run for OUTPUT instead of continuing it (a killed run continues "
+                        "from its last finished group when the same command is run again; one with other settings "
+                        "is refused without this flag)")
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=sorted(METHODS), default="basis-sharing",
-                   help="; ".join(f"{k}: {v.summary}" for k, v in METHODS.items()))
+    m.add_argument("--method", choices=sorted(methods.REGISTRY), default=methods.DEFAULT,
+                   help="; ".join(f"{k}: {v.summary}" for k, v in methods.REGISTRY.items()))
     m.add_argument("--ratio", type=_ratios, default=[0.3],
                    help="fraction of the decoder linear layers' parameters to remove, in (0, 1); soco also takes "
                         "several (0.3,0.4,0.5): one training run, OUTPUT/ratio-<r> per ratio")
@@ -125,7 +130,9 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     o = p.add_argument_group("output")
     o.add_argument("--max-shard-size", type=_size, default="2GiB", help="largest safetensors shard")
-    o.add_argument("--device", default="cpu", help="torch device for calibration and decomposition")
+    o.add_argument("--device", default="cpu", help="torch device for calibration and decomposition (cpu, cuda, cuda:N)")
+    o.add_argument("--activations", choices=("device", "cpu"), default="device",
+                   help="where the calibration activations wait between layers (cpu: saves GPU memory)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -152,7 +159,7 @@ def cmd_compress(argv: list[str]) -> int:
     from .report import summary_lines
 
     a = compress_parser().parse_args(argv)
-    group_size = a.group_size if a.group_size is not None else (2 if a.method == "basis-sharing" else 1)
+    group_size = a.group_size if a.group_size is not None else methods.get(a.method).default_group_size
     sc = soco.SocoConfig(steps=a.soco_steps, lr=a.soco_lr, fine_lr=a.soco_fine_lr, seq_len=a.soco_seq_len,
                          batch_size=a.soco_batch_size, topk=a.soco_topk, stage1=a.soco_stage1, stage3=a.soco_stage3,
                          margin=a.soco_margin, sparsity=a.soco_sparsity, init=a.soco_init, prior=a.soco_prior,
@@ -165,7 +172,8 @@ def cmd_compress(argv: list[str]) -> int:
         force_factorize=a.force_factorize, full_rank=a.full_rank, dtype=a.dtype, calib_text=a.calib_text,
         calib_windows=a.calib_windows, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed,
         evaluate=not a.no_eval, eval_text=a.eval_text, eval_windows=a.eval_windows, force=a.force,
-        max_shard_bytes=a.max_shard_size, device=a.device, progress=not a.no_progress,
+        max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, restart=a.restart,
+        progress=not a.no_progress,
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+BATCH_SIZE = 2  # evaluation windows per forward pass
+
 
 @dataclass
 class Perplexity:
@@ -18,21 +20,33 @@ class Perplexity:
     windows: int
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = True,
-               desc: str = "evaluate") -> Perplexity:
-    """``exp`` of the mean next-token loss over non-overlapping windows ``[n, seq_len]``.
+class NllSum:
+    """Summed next-token loss over batches, in float64 per token, so the result does not depend
+    on how the windows are batched."""
 
-    The loss is summed in float64 per token, so the result does not depend on the batch size.
-    """
+    def __init__(self) -> None:
+        self.total, self.count, self.finite = 0.0, 0, True
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        logits = logits[:, :-1].float()
+        target = ids[:, 1:].to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        self.finite = self.finite and bool(torch.isfinite(nll))
+        if self.finite:
+            self.total += float(nll.double())
+        self.count += target.numel()
+
+    def result(self, windows: int) -> Perplexity:
+        mean = self.total / self.count if self.finite else math.inf
+        return Perplexity(math.exp(mean) if mean < 700 else math.inf, self.count, windows)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = BATCH_SIZE, progress: bool = True,
+               desc: str = "evaluate") -> Perplexity:
+    """``exp`` of the mean next-token loss over non-overlapping windows ``[n, seq_len]``."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    acc = NllSum()
     for b in tqdm(torch.split(windows, batch_size), desc=desc, unit="batch", disable=not progress):
-        b = b.to(device)
-        logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
-        if not torch.isfinite(nll):
-            return Perplexity(float("inf"), count, windows.shape[0])
-        total += float(nll.double())
-        count += b[:, 1:].numel()
-    return Perplexity(math.exp(total / count), count, windows.shape[0])
+        acc.add(model(input_ids=b.to(device), use_cache=False).logits, b)
+    return acc.result(windows.shape[0])

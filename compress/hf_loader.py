@@ -8,7 +8,8 @@ of its group, so it is held once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from soco_serve.layout import (
+    BasisEntry,
     CheckpointError,
     CheckpointReader,
+    LinearEntry,
     Manifest,
     basis_name,
     bias_name,
@@ -48,11 +51,13 @@ def _param(t: torch.Tensor, dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(t.to(dtype) if dtype is not None else t, requires_grad=False)
 
 
-def install_factors(model: nn.Module, manifest: Manifest, get: Callable[[str], torch.Tensor],
-                    dtype: torch.dtype | None = None) -> None:
-    """Replace every linear named in the manifest by its stored representation, in place."""
-    bases: dict[str, nn.Parameter] = {}
-    for name, e in manifest.linears.items():
+def lowrank_modules(linears: Mapping[str, LinearEntry], bases: Mapping[str, BasisEntry],
+                    get: Callable[[str], torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """The module for each named linear as stored: ``nn.Linear`` (dense) or :class:`LowRankLinear`;
+    the layers of one shared basis hold the same ``nn.Parameter``."""
+    shared: dict[str, nn.Parameter] = {}
+    out: dict[str, nn.Module] = {}
+    for name, e in linears.items():
         bias = _param(get(bias_name(name)), dtype) if e.bias else None
         if e.kind == "dense":
             mod: nn.Module = nn.Linear(e.in_features, e.out_features, bias=e.bias, device="meta")
@@ -60,18 +65,44 @@ def install_factors(model: nn.Module, manifest: Manifest, get: Callable[[str], t
             mod.bias = bias
         else:
             if e.kind == "shared":
-                assert e.basis is not None
-                if e.basis not in bases:
-                    bases[e.basis] = _param(get(basis_name(e.basis)), dtype)
-                v = bases[e.basis]
+                assert e.basis is not None and e.basis in bases
+                if e.basis not in shared:
+                    shared[e.basis] = _param(get(basis_name(e.basis)), dtype)
+                v = shared[e.basis]
             else:
                 v = _param(get(v_name(name)), dtype)
             mod = LowRankLinear(_param(get(u_name(name)), dtype), v, bias)
-        parent, _, child = name.rpartition(".")
-        try:
-            setattr(model.get_submodule(parent), child, mod)
-        except AttributeError as exc:
-            raise CheckpointError(f"manifest names linear {name!r}, which this model does not have") from exc
+        out[name] = mod
+    return out
+
+
+def _set_module(model: nn.Module, name: str, mod: nn.Module) -> nn.Module:
+    parent, _, child = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent)
+    except AttributeError as exc:
+        raise CheckpointError(f"manifest names linear {name!r}, which this model does not have") from exc
+    old = getattr(owner, child, None)
+    setattr(owner, child, mod)
+    return old  # type: ignore[return-value]
+
+
+def install_factors(model: nn.Module, manifest: Manifest, get: Callable[[str], torch.Tensor],
+                    dtype: torch.dtype | None = None) -> None:
+    """Replace every linear named in the manifest by its stored representation, in place."""
+    for name, mod in lowrank_modules(manifest.linears, manifest.bases, get, dtype).items():
+        _set_module(model, name, mod)
+
+
+@contextmanager
+def swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """The named submodules replaced for the duration of the block, the originals put back after."""
+    old = {name: _set_module(model, name, mod) for name, mod in modules.items()}
+    try:
+        yield model
+    finally:
+        for name, mod in old.items():
+            _set_module(model, name, mod)
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:

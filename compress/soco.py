@@ -76,7 +76,7 @@ on shared bases trained towards 0.5 ended at perplexity 2387 and 511 in two runs
 **Folding.** Kept components keep their learned scores: ``U·√(σs)``, ``√(σs)·Vᵀ S⁻¹`` (private),
 ``σ·Vᵀ S⁻¹`` as the basis and ``U_j·diag(s_j)`` as layer ``j``'s coefficients (shared), and a dense
 block stores ``Σ_{s_i > 0} σ_i s_i u_i v_iᵀ S⁻¹``. The result is an ordinary
-:class:`~compress.pipeline.Decomposition`, so writing, loaders and serving need no change.
+:class:`~compress.factors.Decomposition`, so writing, loaders and serving need no change.
 
 **Memory.** The dense teacher runs once over the training windows before training; only its
 top-k log-probabilities are kept (``k = 128``: 256 tokens × 128 × 8 bytes = 260 KB a window, vs
@@ -90,7 +90,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +100,7 @@ from tqdm.auto import tqdm
 from soco_serve.layout import BasisEntry, LinearEntry, basis_name, bias_name, u_name, v_name, weight_name
 
 from . import allocate, calibrate, decompose, models
-
-if TYPE_CHECKING:
-    from .pipeline import Decomposition
+from .factors import Decomposition
 
 F64 = torch.float64
 WITHIN = 0.005  # the achieved ratio must be within 0.5 percentage points of the target
@@ -643,11 +641,9 @@ def train(model: nn.Module, blocks: list[Block], windows: torch.Tensor, teacher:
 
 
 def fold(blocks: list[Block], keep: list[torch.Tensor], dtype: torch.dtype, force_factorize: bool = False,
-         order: list[str] | None = None) -> "Decomposition":
+         order: list[str] | None = None) -> Decomposition:
     """The checkpoint's linear part: scores folded into the factors (module docstring).
     ``order``: the linears' names in model order (default: block order)."""
-    from .pipeline import Decomposition
-
     out = Decomposition()
     entries: dict[str, LinearEntry] = {}
     with torch.no_grad():
@@ -693,7 +689,7 @@ def fold(blocks: list[Block], keep: list[torch.Tensor], dtype: torch.dtype, forc
 def compress(model: nn.Module, refs: list[models.LinearRef], grams: calibrate.GramSet | None,
              calib: torch.Tensor | None, ratios: list[float], cfg: SocoConfig, *, group_size: int = 1,
              shared_kinds: tuple[str, ...] = (), force_factorize: bool = False, dtype: torch.dtype | None = None,
-             progress: bool = True) -> list[tuple[float, "Decomposition"]]:
+             progress: bool = True) -> list[tuple[float, Decomposition]]:
     """Train once towards ``min(ratios)`` and fold one checkpoint per ratio from the same scores.
 
     ``model`` is used in place and left exactly as it was (the scored layers are swapped back).

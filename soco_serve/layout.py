@@ -360,7 +360,7 @@ def read_manifest(ckpt_dir: str | os.PathLike) -> Manifest:
     return Manifest.from_json(data, where=str(path))
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and sanity-check a safetensors header, so truncation is caught before any read."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -417,7 +417,7 @@ class CheckpointReader:
             fpath = self.dir / fname
             if not fpath.is_file():
                 raise CheckpointError(f"{fpath}: shard listed in {INDEX_FILE} is missing")
-            for name, meta in _safetensors_header(fpath).items():
+            for name, meta in safetensors_header(fpath).items():
                 if name == "__metadata__":
                     continue
                 if meta["dtype"] not in _SAFETENSORS_DTYPES:

@@ -3,6 +3,7 @@
 import torch
 
 from compress import calibrate, models
+from tests.compress import reference
 
 
 def _model_and_windows(path, seed=0):
@@ -15,7 +16,7 @@ def _model_and_windows(path, seed=0):
 
 def test_gram_and_abs_mean_match_the_captured_inputs(tiny_llama):
     model, refs, windows = _model_and_windows(tiny_llama)
-    grams = calibrate.collect_grams(model, refs, windows, batch_size=2, progress=False)
+    grams = reference.collect_grams(model, refs, windows, batch_size=2)
     down = next(r for r in refs if r.layer == 1 and r.spec.kind == "down")
     seen = []
     handle = down.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -29,14 +30,21 @@ def test_gram_and_abs_mean_match_the_captured_inputs(tiny_llama):
     torch.testing.assert_close(st.abs_mean, x.abs().mean(0), rtol=1e-6, atol=1e-9)
 
 
-def test_fisher_is_the_summed_squared_gradient_per_row(tiny_llama):
+def test_fisher_is_the_summed_squared_gradient_per_row(tiny_llama, tmp_path):
+    # Layer by layer, recomputed from saved inputs, against the whole model's own backward pass.
     model, refs, windows = _model_and_windows(tiny_llama)
-    before = [p.requires_grad for p in model.parameters()]
-    fisher = calibrate.collect_fisher(model, refs, windows, batch_size=2, progress=False)
-    assert [p.requires_grad for p in model.parameters()] == before  # left as found
+    spec = models.arch_spec(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inputs = calibrate.layer_inputs(model, spec, windows, 2)
+    fisher = calibrate.collect_fisher(reference.InMemory(model, spec), model, spec, refs, windows, inputs,
+                                      lambda i: tmp_path / f"act-{i}.pt", progress=False)
+    assert not any(p.requires_grad for p in model.parameters())  # left as found
+    assert not list(tmp_path.glob("act-*.pt"))  # the spilled activations are removed
     assert set(fisher) == {r.name for r in refs}
     q = next(r for r in refs if r.layer == 2 and r.spec.kind == "q")
     expected = torch.zeros(q.module.out_features, dtype=torch.float64)
+    q.module.weight.requires_grad_(True)
     for b in torch.split(windows, 2):
         model.zero_grad()
         model(input_ids=b, labels=b, use_cache=False).loss.backward()

@@ -164,7 +164,8 @@ def test_truncated_model_weights(tiny_llama, tmp_path, capsys):
     shutil.copytree(tiny_llama, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _fails([str(bad), "-o", str(tmp_path / "o")], capsys, f"{bad}: could not load the model")
+    _fails([str(bad), "-o", str(tmp_path / "o")], capsys,
+           f"{bad}/model.safetensors: truncated or corrupt safetensors file")
     assert not (tmp_path / "o").exists()
 
 

@@ -10,17 +10,31 @@ import torch
 from compress import soco
 from compress.cli import main
 from compress.hf_loader import install_factors, load_soco_model
-from compress.pipeline import CompressConfig, Timer, make_manifest, prepare
-from soco_serve.layout import CheckpointReader
+from compress.data import calibration_windows, load_text, tokenize_stream
+from soco_serve.layout import CheckpointReader, Manifest
+from tests.compress import reference
 
 COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
 
 
+class Prepared:
+    """The dense model in memory with its calibration windows and statistics."""
+
+    def __init__(self, path, text):
+        self.model, tok, spec, self.refs = reference.load(path)
+        self.calib = calibration_windows(tokenize_stream(tok, load_text(str(text), "calibration")), 64, 4, seed=0)
+        self.grams = reference.collect_grams(self.model, self.refs, self.calib)
+
+
 @pytest.fixture(scope="module")
 def prep64(tiny_llama_f64, text_file):
-    cfg = CompressConfig(output="/nonexistent", model=str(tiny_llama_f64), method="soco", calib_text=str(text_file),
-                         calib_windows=4, seq_len=64, evaluate=False, progress=False)
-    return prepare(cfg, Timer())
+    return Prepared(tiny_llama_f64, text_file)
+
+
+def _manifest(dec, dtype=torch.float64):
+    m = Manifest("LlamaForCausalLM", str(dtype).removeprefix("torch."), dec.linears, dec.bases)
+    m.achieved_ratio = 1 - m.stored_linear_params() / m.dense_linear_params()
+    return m
 
 
 def _ids(n=2, t=24):
@@ -87,7 +101,7 @@ def test_budget_counts_exactly_what_the_writer_stores(prep64, group_size, force)
         pr = soco.threshold_mask(blocks, ratio, force)
         assert ratio <= pr.ratio <= ratio + soco.WITHIN
         dec = soco.fold(blocks, pr.keep, dtype, force)
-        manifest = make_manifest(prep64, CompressConfig(output="/x", method="soco", ratio=ratio), dec, dtype, ratio)
+        manifest = _manifest(dec, dtype)
         manifest.validate()
         stored = sum(t.numel() for n, t in dec.tensors.items() if not n.endswith(".bias"))
         assert pr.stored == manifest.stored_linear_params() == stored
@@ -105,7 +119,7 @@ def test_folding_the_scores_changes_no_output(prep64, group_size):
         want = _logits(scored, ids)
     keep = [b.key().detach() > 0 for b in blocks]
     dec = soco.fold(blocks, keep, torch.float64)
-    manifest = make_manifest(prep64, CompressConfig(output="/x", method="soco"), dec, torch.float64, None)
+    manifest = _manifest(dec)
     folded = copy.deepcopy(prep64.model)
     install_factors(folded, manifest, dec.tensors.__getitem__, torch.float64)
     torch.testing.assert_close(_logits(folded, ids), want, rtol=0, atol=1e-9)
@@ -147,7 +161,6 @@ def test_training_lowers_distillation_loss_and_meets_every_ratio(tiny_llama, tex
     base = tmp_path / "svd-llm"
     assert main([str(tiny_llama), "-o", str(base), *COMMON, "--calib-text", str(text_file), "--no-eval",
                  "--method", "svd-llm", "--ratio", "0.4"]) == 0
-    from compress.data import calibration_windows, load_text, tokenize_stream
     from compress.models import load_model
 
     dense, tok, _ = load_model(str(tiny_llama))

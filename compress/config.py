@@ -1,0 +1,105 @@
+"""The compressor's settings: one dataclass, checked once, read by every stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soco_serve.layout import DEFAULT_MAX_SHARD_BYTES
+
+from . import allocate, methods, soco
+
+DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
+
+# Fields that change neither the checkpoint nor the run's intermediate results: a run may be
+# resumed with other values of these.
+RUNTIME_FIELDS = ("output", "force", "restart", "progress", "max_shard_bytes", "device", "activations")
+
+
+@dataclass
+class CompressConfig:
+    output: Path
+    model: str | None = None
+    method: str = methods.DEFAULT
+    ratio: float = 0.3
+    ratios: tuple[float, ...] = ()  # soco only: several checkpoints from one training run (ratio = the smallest)
+    group_size: int = 2
+    shared_types: tuple[str, ...] = DEFAULT_SHARED_KINDS
+    # auto: refit whenever the model is compressed (not at --full-rank, whose factors are exact);
+    # on: also at full rank; off: never (the paper's released code).
+    coefficient_update: str = "auto"
+    asvd_alpha: float = 0.5  # ASVD's exponent on the mean absolute activation (the paper's default)
+    force_factorize: bool = False
+    full_rank: bool = False
+    dtype: str = "auto"
+    calib_text: str | None = None
+    calib_windows: int = 64  # basis-sharing needs this many to beat svd-llm (docs/results.md)
+    seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    evaluate: bool = True
+    eval_text: str | None = None
+    eval_windows: int = 32
+    force: bool = False
+    restart: bool = False  # discard an unfinished run of other settings instead of refusing
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    device: str = "cpu"
+    activations: str = "device"  # where the calibration activations live between layers: device | cpu
+    progress: bool = True
+    soco: soco.SocoConfig = field(default_factory=soco.SocoConfig)
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        m = methods.get(self.method)
+        if self.coefficient_update not in ("auto", "on", "off"):
+            raise ValueError(f"--coefficient-update must be auto, on or off, got {self.coefficient_update!r}")
+        if self.activations not in ("device", "cpu"):
+            raise ValueError(f"--activations must be device or cpu, got {self.activations!r}")
+        if self.ratios:
+            self.ratios = tuple(float(r) for r in self.ratios)
+            if len(self.ratios) > 1 and not m.whole_model:
+                raise ValueError(f"several ratios {list(self.ratios)} from one run need --method soco; "
+                                 f"run {self.method} once per ratio")
+            for r in self.ratios:
+                allocate.check_ratio(r)
+            self.ratio = min(self.ratios)
+        m.check(self)
+        if not self.full_rank:
+            allocate.check_ratio(self.ratio)
+        if not m.shares_bases:
+            self.group_size = 1
+
+    @property
+    def method_impl(self) -> methods.Method:
+        return methods.get(self.method)
+
+    @property
+    def ratio_list(self) -> list[float]:
+        return list(self.ratios) if self.ratios else [self.ratio]
+
+    @property
+    def refit(self) -> bool:
+        return self.method_impl.refits(self)
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records: the settings that shaped the checkpoint."""
+        d = asdict(self)
+        for k in (*RUNTIME_FIELDS, "evaluate", "eval_text", "eval_windows", "model", "ratios"):
+            d.pop(k)
+        m = self.method_impl
+        for k in methods.foreign_settings(m):
+            d.pop(k)
+        shares = m.shares_bases and self.group_size > 1
+        d["shared_types"] = list(self.shared_types) if shares else []
+        d["coefficient_update"] = self.refit
+        return d
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (everything but the runtime fields)."""
+        d = asdict(self)
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
+        d["ratios"] = self.ratio_list
+        d["shared_types"] = list(self.shared_types)
+        return d

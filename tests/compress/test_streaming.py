@@ -1,0 +1,265 @@
+"""The streaming compressor on tiny random Llamas: equal to a whole-model reference, resumable
+after a kill at any stage (byte for byte), statistics bounded by one group, bad input refused."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import methods, pipeline, workdir
+from compress.cli import main
+from compress.data import calibration_windows, load_text, tokenize_stream
+from soco_serve.layout import CheckpointReader
+from tests.compress import reference
+
+COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
+
+
+def _compress(src, out, *args, text):
+    argv = [str(src), "-o", str(out), *COMMON, "--calib-text", str(text), "--eval-text", str(text),
+            "--eval-windows", "2", *args]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize("method,args,refit", [
+    ("svd", [], False), ("asvd", [], False), ("svd-llm", [], False),
+    ("basis-sharing", ["--coefficient-update", "off"], False),
+    ("basis-sharing", ["--group-size", "3"], True),  # groups of 3 and 1: the last group is smaller
+])
+def test_streaming_equals_the_whole_model_reference(tiny_llama_f64, text_file, tmp_path, method, args, refit):
+    out = _compress(tiny_llama_f64, tmp_path / "ck", "--method", method, "--ratio", "0.4", *args, text=text_file)
+    model, tok, spec, refs = reference.load(tiny_llama_f64)
+    windows = calibration_windows(tokenize_stream(tok, load_text(str(text_file), "calibration")), 64, 4, seed=0)
+    group = 3 if "3" in args else 2
+    want = reference.compress(model, refs, spec, method, 0.4, windows, group_size=group, refit=refit)
+    reader = CheckpointReader(out)
+    for name, t in want.items():
+        torch.testing.assert_close(reader.get(name), t, rtol=1e-9, atol=1e-9, msg=name)
+    assert set(want) == {n for n in reader.names() if n.endswith((".lowrank_u", ".lowrank_v")) or
+                         n.startswith("soco_bases.") or n.rpartition(".")[0] in reader.manifest.linears
+                         and n.endswith(".weight")}
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["seconds_per_group"]) == len(report["groups"]) == (2 if method == "basis-sharing" else 4)
+    assert report["memory"]["peak_rss_bytes"] > 0
+
+
+def test_statistics_memory_is_one_group(tiny_llama, text_file, tmp_path):
+    # hidden 256, intermediate 512: sites attn_in, attn_out, mlp_in (256) and mlp_out (512), float64
+    per_layer = 8 * (3 * (256 * 256 + 256) + 512 * 512 + 512)
+    for method, layers in (("svd-llm", 1), ("basis-sharing", 2)):
+        out = _compress(tiny_llama, tmp_path / method, "--method", method, "--ratio", "0.4", text=text_file)
+        report = json.loads((out / "report.json").read_text())
+        assert report["memory"]["peak_stat_bytes"] == layers * per_layer  # not 4 layers' worth
+        assert all(g["stat_bytes"] == 0 for g in report["memory"]["per_group"])  # freed after each group
+
+
+def test_only_the_registry_names_a_method():
+    names = "|".join(re.escape(n) for n in methods.REGISTRY)
+    quoted = re.compile(rf"""["']({names})["']""")
+    root = Path(methods.__file__).parent
+    for f in root.glob("*.py"):
+        if f.name in ("methods.py", "soco.py"):  # the registry, and soco's own module
+            continue
+        hits = quoted.findall(f.read_text())
+        assert not hits, f"{f.name} names methods {hits}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the process: nothing after it runs, no cleanup is special."""
+
+
+def _files(ck):
+    return {p.name: p.read_bytes() for p in sorted(ck.iterdir()) if p.suffix in (".safetensors", ".json")
+            and p.name != "report.json"}
+
+
+def _kill_at(monkeypatch, target, attr, after_calls):
+    real = getattr(target, attr)
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, attr, wrapped)
+
+
+@pytest.mark.parametrize("method,args", [("basis-sharing", []), ("fwsvd", [])])
+@pytest.mark.parametrize("stage", ["statistics", "decompose", "after-group", "evaluate", "write"])
+def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch,
+                                                                  method, args, stage):
+    args = ["--method", method, "--ratio", "0.4", *args]
+    whole = _compress(tiny_llama, tmp_path / "whole", *args, text=text_file)
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        if stage == "statistics":
+            _kill_at(m, pipeline.calibrate, "attach_gram_hooks", 1 if method == "basis-sharing" else 0)
+            if method == "fwsvd":  # fwsvd has no Gram hooks: kill its backward half-way
+                _kill_at(m, pipeline.calibrate.torch.autograd, "grad", 3)
+        elif stage == "decompose":
+            _kill_at(m, methods.get(method), "decompose", 1)
+        elif stage == "after-group":
+            _kill_at(m, workdir.WorkDir, "save_group", 1)
+        elif stage == "evaluate":
+            _kill_at(m, pipeline, "head_perplexities", 0)
+        else:
+            _kill_at(m, pipeline.CheckpointWriter, "finish", 0)
+        with pytest.raises(Killed):
+            _compress(tiny_llama, out, *args, text=text_file)
+    assert not out.exists()  # nothing at the output path until the run is complete
+    resumed = _compress(tiny_llama, out, *args, text=text_file)
+    assert _files(resumed) == _files(whole)
+    assert not workdir.work_dir_for(out).exists()
+    report = json.loads((resumed / "report.json").read_text())
+    if method == "basis-sharing":  # fwsvd's perplexity on this tiny random model is near float32 overflow
+        assert report["ppl_compressed"] == json.loads((whole / "report.json").read_text())["ppl_compressed"]
+
+
+def test_sigkill_then_rerun_continues_from_the_last_group(tiny_llama, text_file, tmp_path):
+    args = ["--method", "svd-llm", "--ratio", "0.4"]
+    whole = _compress(tiny_llama, tmp_path / "whole", *args, text=text_file)
+    out = tmp_path / "killed"
+    work = workdir.work_dir_for(out)
+    argv = [sys.executable, "-m", "compress.cli", str(tiny_llama), "-o", str(out), *COMMON, "--calib-text",
+            str(text_file), "--eval-text", str(text_file), "--eval-windows", "2", *args]
+    proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (work / "state-00001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    resumed = _compress(tiny_llama, out, *args, text=text_file)
+    assert json.loads((resumed / "report.json").read_text())["resumed_at_group"] >= 2
+    assert _files(resumed) == _files(whole)
+
+
+def test_a_resume_with_other_settings_or_another_model_is_refused(tiny_llama, text_file, tmp_path, monkeypatch,
+                                                                  capsys):
+    args = ["--method", "svd-llm", "--ratio", "0.4"]
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        _kill_at(m, workdir.WorkDir, "save_group", 2)
+        with pytest.raises(Killed):
+            _compress(tiny_llama, out, *args, text=text_file)
+    argv = [str(tiny_llama), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--eval-text", str(text_file),
+            "--eval-windows", "2", "--method", "svd-llm"]
+    assert main([*argv, "--ratio", "0.5"]) == 2
+    assert "setting 'ratio': 0.4 there, 0.5 now" in capsys.readouterr().err
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_llama, changed)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(changed / "model.safetensors")
+    sd["model.norm.weight"] += 1
+    save_file(sd, changed / "model.safetensors", metadata={"format": "pt"})
+    argv[0] = str(changed)
+    assert main([*argv, "--ratio", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert "an unfinished run of another model is there (weights sha256" in err and "--restart" in err
+    assert main([*argv, "--ratio", "0.5", "--restart"]) == 0  # discarded on request
+    assert CheckpointReader(out).manifest.target_ratio == 0.5
+
+
+def test_disk_full_is_a_clear_error_and_the_run_resumes(tiny_llama, text_file, tmp_path, monkeypatch, capsys):
+    args = ["--method", "svd-llm", "--ratio", "0.4"]
+    whole = _compress(tiny_llama, tmp_path / "whole", *args, text=text_file)
+    out = tmp_path / "full"
+    with monkeypatch.context() as m:  # the 5th file written fills the disk
+        m.setattr(workdir, "_atomic", _enospc_after(workdir._atomic, 5))
+        assert main([str(tiny_llama), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--eval-text",
+                     str(text_file), "--eval-windows", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device writing" in err and "finished groups are kept" in err
+    assert not out.exists() and not list(workdir.work_dir_for(out).glob("*.tmp"))
+    resumed = _compress(tiny_llama, out, *args, text=text_file)
+    assert _files(resumed) == _files(whole)
+
+
+def _enospc_after(real, n):
+    import errno
+
+    calls = {"n": 0}
+
+    def atomic(path, write):
+        calls["n"] += 1
+        if calls["n"] == n:
+            def failing(tmp):
+                write(tmp)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, failing)
+        return real(path, write)
+
+    return atomic
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tiny_llama, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(path, max_shard_size="2MB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def test_a_missing_or_corrupt_shard_is_named(sharded_llama, text_file, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((sharded_llama / "model.safetensors.index.json").read_text())["weight_map"]
+    target = "model.layers.2.mlp.down_proj.weight"
+    shard = index[target]
+    out = tmp_path / "o"
+    argv = lambda src: [str(src), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--no-eval",  # noqa: E731
+                        "--method", "svd-llm"]
+    gone = tmp_path / "gone"
+    shutil.copytree(sharded_llama, gone)
+    (gone / shard).unlink()
+    assert main(argv(gone)) == 2
+    assert f"{gone / shard}: shard listed in the index is missing" in capsys.readouterr().err
+    nan = tmp_path / "nan"
+    shutil.copytree(sharded_llama, nan)
+    sd = load_file(nan / shard)
+    sd[target][3, 3] = float("nan")
+    save_file(sd, nan / shard, metadata={"format": "pt"})
+    assert main(argv(nan)) == 2
+    assert f"{nan / shard}: weight '{target}' contains NaN or Inf" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_device_writes_the_cpu_checkpoint(tiny_llama_f64, text_file, tmp_path):
+    # The same code path as every CPU test, with the group, statistics and activations on the GPU.
+    args = ["--method", "basis-sharing", "--ratio", "0.4"]
+    cpu = CheckpointReader(_compress(tiny_llama_f64, tmp_path / "cpu", *args, text=text_file))
+    gpu_dir = _compress(tiny_llama_f64, tmp_path / "gpu", *args, "--device", "cuda", text=text_file)
+    gpu = CheckpointReader(gpu_dir)
+    assert set(cpu.names()) == set(gpu.names())
+    for name in cpu.names():
+        torch.testing.assert_close(gpu.get(name), cpu.get(name), rtol=1e-6, atol=1e-8, msg=name)
+    report = json.loads((gpu_dir / "report.json").read_text())
+    assert report["device"] == "cuda" and report["memory"]["cuda_max_allocated_bytes"] > 0
