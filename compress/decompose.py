@@ -14,6 +14,7 @@ Basis Sharing: the weights of a group of layers stacked along ``out`` share one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -151,6 +152,36 @@ def whitened_svd(w: torch.Tensor, wh: Whitening, rank: int) -> tuple[torch.Tenso
     u, sigma, vh = torch.linalg.svd(w.to(F64) @ wh.s, full_matrices=False)
     uf, vf = _split_sigma(u, sigma, vh, rank)
     return uf, unwhiten(vf, wh.s)
+
+
+def projected_svd(w: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's optimum without whitening: the same least ``‖(W − UV) X‖_F``, from the ``[out, out]``
+    eigenproblem of ``W G Wᵀ``.
+
+    ``W S`` has left singular vectors ``Q`` and ``σ² `` as the eigenpairs of ``W S Sᵀ Wᵀ = W G Wᵀ``,
+    and its best rank-``r`` approximation is ``Q_r Q_rᵀ W S``: so ``W' = Q_r Q_rᵀ W``, split as
+    ``U = Q_r σ^½``, ``V = σ^-½ Q_rᵀ W`` (exactly :func:`whitened_svd`'s factors, up to the signs
+    of the singular vectors). No Cholesky factor, no triangular solve and no ridge are needed (a
+    singular ``G`` is fine), and the eigenproblem is ``out``-sized: the cheaper route whenever
+    ``out < in`` (k, v, and the down projection, whose ``in`` is the intermediate size).
+    """
+    _check_rank(w, rank)
+    w64 = w.to(F64)
+    m = w64 @ gram.to(F64) @ w64.T
+    lam, q = torch.linalg.eigh((m + m.T) / 2)  # ascending; symmetrised against round-off
+    lam, q = lam.flip(0)[:rank], q.flip(1)[:, :rank]
+    tiny = lam[0].clamp_min(torch.finfo(F64).tiny) * torch.finfo(F64).eps
+    root = torch.where(lam > tiny, lam.clamp_min(tiny).pow(0.25), torch.ones_like(lam))  # σ^½ (1 where σ ≈ 0)
+    return q * root, (q.T @ w64) / root[:, None]
+
+
+def whitened_factors(w: torch.Tensor, gram: torch.Tensor, rank: int,
+                     whiten: Callable[[], Whitening]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM's factors by the cheaper exact route: :func:`projected_svd` when ``out < in``,
+    otherwise :func:`whitened_svd` with the (cached, per input site) Cholesky factor ``whiten()``."""
+    if w.shape[0] < w.shape[1]:
+        return projected_svd(w, gram, rank)
+    return whitened_svd(w, whiten(), rank)
 
 
 def whitened_spectrum(w: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -150,8 +150,9 @@ class SvdLlm(PrivateFactors):
 
     def factor(self, ref, rank, work, whitenings):
         assert work.grams is not None
-        return decompose.whitened_svd(ref.module.weight.detach(), whitenings.get(ref.site_key, work.grams[ref.site_key]),
-                                      rank)
+        gram = work.grams[ref.site_key]
+        return decompose.whitened_factors(ref.module.weight.detach(), gram, rank,
+                                          lambda: whitenings.get(ref.site_key, gram))
 
 
 class BasisSharing(Method):
@@ -187,8 +188,9 @@ class BasisSharing(Method):
             if a.kind == "dense":
                 out.tensors[weight_name(r.name)] = r.module.weight.detach().to(work.dtype)
             elif a.kind == "lowrank":
-                u, v = decompose.whitened_svd(r.module.weight.detach(),
-                                              whitenings.get(r.site_key, work.grams[r.site_key]), a.rank)  # type: ignore[arg-type]
+                gram = work.grams[r.site_key]
+                u, v = decompose.whitened_factors(r.module.weight.detach(), gram, a.rank,  # type: ignore[arg-type]
+                                                  lambda: whitenings.get(r.site_key, gram))
                 out.tensors[u_name(r.name)], out.tensors[v_name(r.name)] = u.to(work.dtype), v.to(work.dtype)
             out.linears[r.name] = entry(r, a)
         return [out]

@@ -67,6 +67,9 @@ class Source:
         self.n_layers = len(self.model.get_submodule(self.spec.layers))
         tied = getattr(self.config, "tie_word_embeddings", False)
         self._aliases = _tied_aliases(self.model) if tied else {}
+        self._names_of: dict[str, list[str]] = {}
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            self._names_of.setdefault(self._resolve(name), []).append(name)
         self._live: dict[str, nn.Parameter] = {}  # onloaded tensors by stored name (tied weights held once)
         self._meta: dict[str, nn.Parameter] = {}  # their meta stand-ins once offloaded
         names = {n for n, _ in self.model.named_parameters()} | {
@@ -110,6 +113,12 @@ class Source:
     def _resolve(self, name: str) -> str:
         return self._aliases.get(name, name)
 
+    def _set_everywhere(self, key: str, param: nn.Parameter) -> None:
+        """Point every name of the stored tensor ``key`` (tied weights have several) at ``param``."""
+        for name in self._names_of.get(key, (key,)):
+            owner, _, attr = name.rpartition(".")
+            (self.model.get_submodule(owner) if owner else self.model)._parameters[attr] = param
+
     def is_alias(self, name: str) -> bool:
         """A tied weight's second name (the checkpoint stores the tensor once, under its first)."""
         return name in self._aliases
@@ -141,12 +150,10 @@ class Source:
             if tuple(t.shape) != tuple(p.shape):
                 raise ModelError(f"{self.where[self._resolve(full)].file}: tensor {full!r} has shape {list(t.shape)}, "
                                  f"the model's config expects {list(p.shape)}")
-            owner, _, attr = name.rpartition(".")
-            m = mod.get_submodule(owner) if owner else mod
             key = self._resolve(full)
             if key not in self._live:  # a tied weight already onloaded under its other name is reused
                 self._live[key] = nn.Parameter(t.to(device=device, dtype=self.dtype), requires_grad=False)
-            m._parameters[attr] = self._live[key]
+            self._set_everywhere(key, self._live[key])
         for name, b in list(mod.named_buffers(recurse=True)):
             full = f"{prefix}.{name}" if prefix else name
             owner, _, attr = name.rpartition(".")
@@ -161,13 +168,11 @@ class Source:
         """Return a module's parameters to the meta device (frees their memory)."""
         mod = self.model.get_submodule(prefix)
         for name, p in list(mod.named_parameters(recurse=True)):
-            owner, _, attr = name.rpartition(".")
-            m = mod.get_submodule(owner) if owner else mod
             key = self._resolve(f"{prefix}.{name}" if prefix else name)
             self._live.pop(key, None)
             if key not in self._meta:  # tied weights stay tied on the meta device too
                 self._meta[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-            m._parameters[attr] = self._meta[key]
+            self._set_everywhere(key, self._meta[key])
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.spec.layers}.{i}"

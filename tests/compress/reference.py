@@ -78,6 +78,8 @@ def compress(model, refs, spec, method: str, ratio: float, windows, batch_size=4
                     grams.stats[r.site_key].abs_mean, alpha))
             else:
                 u, v = decompose.whitened_svd(w, wh.get(r.site_key, grams[r.site_key]), a.rank)
+                if w.shape[0] < w.shape[1]:  # the pipeline's cheaper route to the same optimum
+                    u, v = decompose.projected_svd(w, grams[r.site_key], a.rank)
             out[u_name(r.name)], out[v_name(r.name)] = u.to(dtype), v.to(dtype)
     if refit:
         _refit(model, spec, refs, plan, out, windows, batch_size)

@@ -45,6 +45,39 @@ def test_whitened_svd_is_optimal_among_rank_r_perturbations():
         assert D.weighted_error(w, cand, gram) >= best - 1e-9
 
 
+@pytest.mark.parametrize("rank", [1, 3, 8, 12])
+def test_projected_svd_reaches_the_whitened_optimum(rank):
+    # out < in: the out-sized eigenproblem gives the same least activation-weighted error as the
+    # Cholesky + SVD route (the float64 reference), and the same product.
+    w, _, gram = _data(out=12, inp=20, n=300)
+    ref = D.whitened_svd(w, D.whitening(gram), rank)
+    got = D.projected_svd(w, gram, rank)
+    best = D.weighted_error(w, torch.matmul(*ref), gram)
+    assert D.weighted_error(w, torch.matmul(*got), gram) <= best * (1 + 1e-9) + 1e-12
+    torch.testing.assert_close(got[0] @ got[1], ref[0] @ ref[1], rtol=0, atol=1e-8)
+    torch.testing.assert_close(got[0].norm(dim=0), ref[0].norm(dim=0), rtol=1e-8, atol=1e-10)  # σ^½ split alike
+
+
+def test_projected_svd_needs_no_ridge_on_a_singular_gram():
+    w, x, _ = _data(out=8, inp=16, n=5)  # 5 tokens for 16 features
+    gram = x.T @ x
+    u, v = D.projected_svd(w, gram, 5)  # rank 5 holds all of W X: the error is zero
+    assert D.weighted_error(w, u @ v, gram) < 1e-9 * D.weighted_error(w, torch.zeros_like(w), gram)
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    u, v = D.projected_svd(w, gram, 8)  # beyond the data's rank: components of zero σ stay finite
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+
+
+def test_whitened_factors_takes_the_cheaper_exact_route():
+    calls = []
+    w, _, gram = _data(out=12, inp=20)
+    D.whitened_factors(w, gram, 4, lambda: calls.append(1) or D.whitening(gram))
+    assert calls == []  # out < in: no Cholesky factor needed
+    w, _, gram = _data(out=24, inp=16)
+    D.whitened_factors(w, gram, 4, lambda: calls.append(1) or D.whitening(gram))
+    assert calls == [1]
+
+
 def test_singular_gram_falls_back_to_damping():
     w, x, _ = _data(n=5)  # 5 tokens for 16 features: rank-deficient Gram
     gram = x.T @ x

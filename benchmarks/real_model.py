@@ -1,0 +1,113 @@
+"""A real pretrained model end to end: compress with the streaming pipeline, serve, ask.
+
+    .venv/bin/python benchmarks/real_model.py /work/models/qwen2.5-coder-1.5b-instruct \\
+        --name qwen2.5-coder-1.5b --cells svd-llm@0.2,svd-llm@0.3 --calib-windows 16 --eval-windows 8
+
+For each ``method@ratio`` cell: ``soco-compress`` in a fresh process (peak RSS, seconds per stage
+and per group, perplexity dense and compressed from its report), then ``vllm serve CKPT
+--load-format soco`` on 127.0.0.1 with the CPU flags, and the same questions asked of it through
+the ``openai`` client as of the dense model (served the same way). Finished cells are cached in
+``benchmarks/results/real_<name>.json``, so a killed run continues; checkpoints go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from scale import compress_subprocess  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+QUESTIONS = {
+    "chat": "What is the capital of France?",
+    "code": "Write a Python function that returns the square of x.",
+}
+COMPLETION = "The three primary colours are"
+
+
+def ask(model_dir: Path, load_format: str | None, max_tokens: int = 48) -> dict:
+    """Serve ``model_dir`` and ask the questions (greedy): answers and server start-up time."""
+    import time
+
+    from openai import OpenAI
+
+    from soco_serve.server import VllmServer
+
+    t0 = time.perf_counter()
+    with VllmServer(model_dir, load_format=load_format, extra_args=["--max-model-len", "4096"]) as server:
+        started = time.perf_counter() - t0
+        client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
+        name = client.models.list().data[0].id
+        out = {"startup_seconds": round(started, 1)}
+        for key, q in QUESTIONS.items():
+            r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}],
+                                               max_tokens=max_tokens, temperature=0)
+            out[key] = r.choices[0].message.content
+        r = client.completions.create(model=name, prompt=COMPLETION, max_tokens=24, temperature=0)
+        out["completion"] = COMPLETION + r.choices[0].text
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="a dense Hugging Face folder (safetensors)")
+    p.add_argument("--name", required=True, help="result file stem: real_<name>.json")
+    p.add_argument("--cells", default="svd-llm@0.2", help="comma-separated method@ratio")
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    p.add_argument("--no-serve", action="store_true", help="compress and evaluate only")
+    a = p.parse_args(argv)
+    import torch
+
+    from kernels.benchmarking import device_name
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"real_{a.name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res.update(model=str(a.model), device=device_name(torch.device("cpu")), calib_windows=a.calib_windows,
+               eval_windows=a.eval_windows, seq_len=a.seq_len)
+    cells = res.setdefault("cells", {})
+
+    def save() -> None:
+        path.write_text(json.dumps(res, indent=2) + "\n")
+
+    if not a.no_serve and "dense" not in res:
+        res["dense"] = ask(a.model, None)
+        save()
+    for cell in [c for c in a.cells.split(",") if c]:
+        method, ratio = cell.split("@")
+        c = cells.setdefault(cell, {})
+        ckpt = a.out / a.name / cell.replace("@", "-")
+        if "report" not in c:
+            r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method, "--ratio", ratio,
+                                           "--calib-windows", str(a.calib_windows), "--eval-windows",
+                                           str(a.eval_windows), "--seq-len", str(a.seq_len), "--no-progress"])
+            if "error" in r:
+                print(f"{cell}: compression failed:\n{r['error']}", flush=True)
+                c.update(r)
+                save()
+                continue
+            rep = r.pop("report")
+            c.update(r, report={k: rep[k] for k in ("achieved_ratio", "model_ratio", "ppl_dense", "ppl_compressed",
+                                                    "eval_tokens", "seconds", "seconds_per_group", "memory",
+                                                    "linear_params", "model_params")})
+            save()
+        print(f"{cell}: ppl {c['report']['ppl_dense']:.2f} -> {c['report']['ppl_compressed']:.2f}, peak RSS "
+              f"{c['peak_rss_bytes'] / 2**30:.2f} GiB, {c['wall_seconds']} s", flush=True)
+        if not a.no_serve and "served" not in c:
+            c["served"] = ask(ckpt, "soco")
+            save()
+            print(json.dumps(c["served"], indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
