@@ -140,6 +140,11 @@ class Stream:
     def run(self, layer: torch.nn.Module) -> None:
         self.put(calibrate.run_layer(layer, self.on(calibrate.device_of(layer))))
 
+    def fork(self) -> "Stream":
+        """Another stream from the same point (batches are replaced, never changed in place, so the
+        two share tensors until they part)."""
+        return Stream(self.ids, list(self.batches), self.store)
+
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {f"{name}.{i}": b.hidden for i, b in enumerate(self.batches)}
 
@@ -147,8 +152,8 @@ class Stream:
         self.batches = [LayerInput(state[f"{name}.{i}"].to(device), b.kwargs) for i, b in enumerate(self.batches)]
 
 
-def capture(src: Source, spec: models.ArchSpec, windows: torch.Tensor, batch_size: int, device: torch.device,
-            store: torch.device) -> Stream:
+def capture(src: Source, spec: models.ArchSpec, windows: torch.Tensor, batch_size: int, store: torch.device) -> Stream:
+    """The first decoder layer's inputs for ``windows`` (the outer modules must be onloaded)."""
     batches = calibrate.layer_inputs(src.model, spec, windows, batch_size)
     stream = Stream(windows, [], store)
     stream.put(batches)
@@ -217,14 +222,14 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     with timer.stage("capture"), onload.outer():
         if method.needs_grams or method.needs_fisher or method.refits(cfg) or method.whole_model:
             calib = calibration_windows(cfg, src.tokenizer)
-            streams["calib"] = capture(src, spec, calib, cfg.batch_size, device, store)
+            streams["calib"] = capture(src, spec, calib, cfg.batch_size, store)
             if method.refits(cfg):
-                streams["refit"] = capture(src, spec, calib, cfg.batch_size, device, store)
+                streams["refit"] = streams["calib"].fork()
         if cfg.evaluate:
             windows = data.text_eval_windows(src.tokenizer, cfg.eval_text, cfg.seq_len, cfg.eval_windows)
-            streams["eval"] = capture(src, spec, windows, evaluate.BATCH_SIZE, device, store)
+            streams["eval"] = capture(src, spec, windows, evaluate.BATCH_SIZE, store)
             for k in range(n_ratios):
-                streams[f"eval-{k}"] = capture(src, spec, windows, evaluate.BATCH_SIZE, device, store)
+                streams[f"eval-{k}"] = streams["eval"].fork()
     with timer.stage("hash"):
         sha = src.weights_sha256()
     work = WorkDir(cfg.output, cfg.run_settings(), sha, restart=cfg.restart)
