@@ -205,10 +205,6 @@ def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidde
         setattr(owner, attr, layers)
 
 
-def onloaded_params(layer: nn.Module) -> list[nn.Parameter]:
-    return [p for p in layer.parameters() if not p.is_meta]
-
-
 def collect_fisher(run_layers: "LayerSource", model: nn.Module, spec: ArchSpec, refs: list[LinearRef],
                    windows: torch.Tensor, inputs: list[LayerInput], spill: Callable[[int], Any],
                    progress: bool = True) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ read the same input activation (their "input site", which shares one Gram matrix
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -218,18 +217,3 @@ def load_model(source: str | Path | None, dtype: torch.dtype | None = None,
     model.to(device).eval()
     arch_spec(model)  # fail early on unsupported architectures
     return model, tok, resolved
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """A hash of the dense weights, so a checkpoint records exactly what it was made from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_finite(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ModelError(f"weight {name!r} contains NaN or Inf")

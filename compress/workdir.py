@@ -127,17 +127,6 @@ class WorkDir:
         tensors, meta = load_tensors(self._group(g, k))
         return Decomposition.from_meta_json(meta["decomposition"], tensors)
 
-    def group_tensor_names(self, g: int, k: int) -> list[str]:
-        from safetensors import safe_open
-
-        with safe_open(str(self._group(g, k)), framework="pt") as f:
-            return list(f.keys())
-
-    def group_reader(self, g: int, k: int) -> Any:
-        from safetensors import safe_open
-
-        return safe_open(str(self._group(g, k)), framework="pt")
-
     def load_state(self, g: int) -> dict[str, torch.Tensor]:
         return load_tensors(self._state(g))[0]
 
