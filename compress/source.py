@@ -145,12 +145,12 @@ class Source:
         mod = self.model.get_submodule(prefix)
         for name, p in list(mod.named_parameters(recurse=True)):
             full = f"{prefix}.{name}" if prefix else name
-            t = self._live.get(self._resolve(full))
+            key = self._resolve(full)
+            t = self._live.get(key)
             t = self.read(full) if t is None else t
             if tuple(t.shape) != tuple(p.shape):
-                raise ModelError(f"{self.where[self._resolve(full)].file}: tensor {full!r} has shape {list(t.shape)}, "
+                raise ModelError(f"{self.where[key].file}: tensor {full!r} has shape {list(t.shape)}, "
                                  f"the model's config expects {list(p.shape)}")
-            key = self._resolve(full)
             if key not in self._live:  # a tied weight already onloaded under its other name is reused
                 self._live[key] = nn.Parameter(t.to(device=device, dtype=self.dtype), requires_grad=False)
             self._set_everywhere(key, self._live[key])
@@ -181,12 +181,7 @@ class Source:
         """Modules outside the decoder layers that own parameters (embeddings, final norm, head)."""
         layers = self.spec.layers
         owners = {n.rpartition(".")[0] for n, _ in self.model.named_parameters()}
-        tops = set()
-        for o in owners:
-            if o == layers or o.startswith(layers + "."):
-                continue
-            tops.add(o)
-        return sorted(tops)
+        return sorted(o for o in owners if o != layers and not o.startswith(layers + "."))
 
     def outer_tensor_names(self) -> list[str]:
         """Every stored tensor outside the decoder layers (what the checkpoint copies as it is)."""
