@@ -20,8 +20,10 @@ update) plus ``basis-sharing-noupdate`` (no coefficient update: the paper's rele
 ``soco-shared`` (soco on Basis Sharing's groups of 2), ``soco-onerun`` (one soco training run
 towards the smallest ratio, every ratio pruned from the same scores: what "any size from one run"
 costs against ``soco``, which trains once per ratio) and ``soco-shared-onerun`` (the same on shared
-bases). A soco cell takes about 8 minutes alone on 2 CPU cores with the default ``--soco-steps``;
-cells are recomputed when the soco settings differ from the cached ones.
+bases). Every row but the one-run ones also comes as ``<row>+recover`` (with the recovery stage,
+:mod:`compress.recover`, at ``--recover-steps`` and ``--recover-lr``) and ``<row>+recover-seed1``
+(the same with calibration seed 1). Cells are recomputed when the soco or recovery settings differ
+from the cached ones; the README's Results give each row's time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from compress.config import CompressConfig  # noqa: E402
 from compress.hf_loader import load_soco_model  # noqa: E402
 from compress.methods import REGISTRY  # noqa: E402
 from compress.pipeline import ratio_dir, run  # noqa: E402
+from compress.recover import RecoverConfig  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
 from kernels.benchmarking import device_name  # noqa: E402
 
@@ -56,12 +59,14 @@ class BenchMethod(NamedTuple):
     group_size: int = 1
     one_run: bool = False  # soco: one training run for every ratio
     coefficient_update: str = "auto"
+    recover: bool = False  # with the recovery stage (--recover-steps of this benchmark)
+    seed: int = 0  # calibration windows and recovery batch order
 
     def cli_args(self) -> list[str]:
         """The ``soco-compress`` flags that make this row's checkpoints, but ``--ratio`` (serving.py
         serves them; a one-run row is one call with every ratio)."""
         return ["--method", self.method, "--group-size", str(self.group_size),
-                "--coefficient-update", self.coefficient_update]
+                "--coefficient-update", self.coefficient_update, "--seed", str(self.seed)]
 
 
 BENCH_METHODS = {
@@ -72,6 +77,9 @@ BENCH_METHODS = {
     "soco-onerun": BenchMethod("soco", one_run=True),
     "soco-shared-onerun": BenchMethod("soco", 2, one_run=True),
 }
+# With recovery (compress/recover.py), and a second seed of each: "<row>+recover", "<row>+recover-seed1".
+BENCH_METHODS.update({f"{k}+recover{'-seed1' if seed else ''}": m._replace(recover=True, seed=seed)
+                      for k, m in list(BENCH_METHODS.items()) if not m.one_run for seed in (0, 1)})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
     p.add_argument("--rank-ratio", type=float, default=0.4, help="the ratio whose ranks _ranks.png compares")
     d = SocoConfig()
+    p.add_argument("--recover-steps", type=int, default=50, help="recovery steps per group of the '+recover' rows")
+    p.add_argument("--recover-lr", type=float, default=RecoverConfig.lr, help="recovery learning rate")
     p.add_argument("--soco-steps", type=int, default=d.steps, help="soco training steps")
     p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
     p.add_argument("--soco-seq-len", type=int, default=d.seq_len, help="soco training window length")
@@ -135,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                    calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
     soco_settings = asdict(soco_cfg)
 
+    recover_cfg = RecoverConfig(steps=a.recover_steps, lr=a.recover_lr)
+
     def config(method: str, ratio: float) -> CompressConfig:
-        name, group_size, _, update = BENCH_METHODS[method]
-        return replace(base, method=name, ratio=ratio, group_size=group_size, coefficient_update=update)
+        m = BENCH_METHODS[method]
+        return replace(base, method=m.method, ratio=ratio, group_size=m.group_size, coefficient_update=m.coefficient_update,
+                       seed=m.seed, recover=recover_cfg if m.recover else RecoverConfig())
 
     def cached(method: str, ratio: float) -> bool:
         c = cells.get(cell_key(method, ratio))
         return (c is not None and (BENCH_METHODS[method].method != "soco" or c.get("soco_settings") == soco_settings)
                 and c.get("coefficient_update") == config(method, ratio).refit
+                and c.get("recover_settings", asdict(RecoverConfig())) == asdict(config(method, ratio).recover)
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, report: dict, ckpt: Path) -> None:
@@ -156,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         if extra_windows is not None:
             cells[key].update(eval_text=a.eval_text, ppl_eval_text=evaluate.perplexity(
                 load_soco_model(ckpt), extra_windows, progress=False).ppl)
+        rec = report.get("recovery")
+        if rec:
+            cells[key].update(recover_settings=report["settings"]["recover"], seed=report["settings"]["seed"],
+                              recovery={k: v for k, v in rec.items() if k != "per_group"},
+                              recovery_curves={g: v["curve"] for g, v in rec["per_group"].items()})
         log = report.get("soco")
         if log:
             cells[key].update(soco_settings=soco_settings, soco_final=log["final"],

@@ -159,14 +159,16 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, batch_
     return captured
 
 
+def forward_layer(layer: nn.Module, li: LayerInput) -> LayerInput:
+    """One decoder layer on one batch (differentiable: recovery trains through it)."""
+    h = layer(li.hidden, **li.kwargs)
+    return LayerInput(h[0] if isinstance(h, tuple) else h, li.kwargs)
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     """Run one decoder layer on every batch; returns the next layer's inputs."""
-    out = []
-    for li in inputs:
-        h = layer(li.hidden, **li.kwargs)
-        out.append(LayerInput(h[0] if isinstance(h, tuple) else h, li.kwargs))
-    return out
+    return [forward_layer(layer, li) for li in inputs]
 
 
 def device_of(mod: nn.Module) -> torch.device:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from . import allocate, calibrate, data, decompose, methods, models, soco, workdir
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
+from .recover import RecoverConfig, RecoveryError
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
-    decompose.DecompositionError, soco.SocoError, workdir.RunStateError, workdir.DiskFullError,
+    decompose.DecompositionError, soco.SocoError, RecoveryError, workdir.RunStateError, workdir.DiskFullError,
     FileExistsError, FileNotFoundError, ValueError,
 )
 
@@ -44,8 +45,9 @@ def _ratios(text: str) -> list[float]:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-text", default=None, metavar="SRC",
-                   help="evaluation text: a .txt or .jsonl ('text' field) file, or 'wikitext2' (needs the hub); "
-                        "default: the evaluation split of the embedded Wikipedia sample")
+                   help="evaluation text: a .txt or .jsonl ('text' field) file, 'pydoc' (Python's reference "
+                        "documentation: another domain) or 'wikitext2' (needs the hub); default: the evaluation "
+                        "split of the embedded Wikipedia sample")
     g.add_argument("--eval-windows", type=int, default=32, metavar="N",
                    help="evaluate on the first N non-overlapping windows (0 = all; default 32)")
     g.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
@@ -118,6 +120,14 @@ def compress_parser() -> argparse.ArgumentParser:
     s.add_argument("--soco-prior", type=float, default=d.prior,
                    help="rank and push components by score x (sigma / rms sigma of the matrix)^PRIOR; 0 = scores alone")
     s.add_argument("--soco-seed", type=int, default=d.seed, help="seed of the training window order")
+    r = p.add_argument_group("recovery (distill the kept factors against the dense model, group by group; "
+                             "see compress/recover.py)")
+    rd = RecoverConfig()
+    r.add_argument("--recover-steps", type=int, default=rd.steps, metavar="N",
+                   help="optimizer steps per group (one calibration batch each); 0 = no recovery")
+    r.add_argument("--recover-lr", type=float, default=rd.lr, help="AdamW learning rate (cosine decay)")
+    r.add_argument("--recover-holdout", type=float, default=rd.holdout,
+                   help="share of the calibration batches held out: early stopping keeps the best held-out state")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib-text", default=None, metavar="SRC",
                    help="calibration text (.txt, .jsonl, or 'wikitext2'); default: the calibration split "
@@ -174,6 +184,7 @@ def cmd_compress(argv: list[str]) -> int:
         evaluate=not a.no_eval, eval_text=a.eval_text, eval_windows=a.eval_windows, force=a.force,
         max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, restart=a.restart,
         progress=not a.no_progress,
+        recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, holdout=a.recover_holdout),
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

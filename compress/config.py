@@ -9,6 +9,7 @@ from typing import Any
 from soco_serve.layout import DEFAULT_MAX_SHARD_BYTES
 
 from . import allocate, methods, soco
+from .recover import RecoverConfig, split_holdout
 
 DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
 
@@ -48,6 +49,7 @@ class CompressConfig:
     activations: str = "device"  # where the calibration activations live between layers: device | cpu
     progress: bool = True
     soco: soco.SocoConfig = field(default_factory=soco.SocoConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -65,6 +67,11 @@ class CompressConfig:
                 allocate.check_ratio(r)
             self.ratio = min(self.ratios)
         m.check(self)
+        self.recover.check()
+        if self.recover.steps and len(self.ratio_list) > 1:
+            raise ValueError(f"--recover-steps trains one checkpoint; run once per ratio instead of {list(self.ratios)}")
+        if self.recover.steps:  # one batch at least is held out, one at least trained on
+            split_holdout(-(-self.calib_windows // self.batch_size), self.recover.holdout)
         if not self.full_rank:
             allocate.check_ratio(self.ratio)
         if not m.shares_bases:

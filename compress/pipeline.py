@@ -8,8 +8,9 @@ offloaded. The streams are:
 
 * ``calib``: the dense model's activations on the calibration windows; every method's
   statistics are collected from them (as in the papers);
-* ``refit``: the compressed model's activations on the same windows, for methods that refit on
-  them (Basis Sharing's coefficient update);
+* ``compressed``: the compressed model's activations on the same windows, for the stages that
+  train or refit on what the compressed model really sees (Basis Sharing's coefficient update,
+  :mod:`compress.recover`);
 * ``eval`` and ``eval-K``: the evaluation windows through the dense and the compressed model
   (ratio ``K``), so that both perplexities come out of the same single pass.
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from soco_serve.layout import CheckpointWriter, Manifest
 
-from . import calibrate, data, evaluate, methods, models
+from . import calibrate, data, evaluate, methods, models, recover
 from .calibrate import LayerInput
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
 from .factors import Decomposition
@@ -220,11 +221,11 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     streams: dict[str, Stream] = {}
     calib = None
     with timer.stage("capture"), onload.outer():
-        if method.needs_grams or method.needs_fisher or method.refits(cfg) or method.whole_model:
+        if method.needs_grams or method.needs_fisher or method.refits(cfg) or method.whole_model or cfg.recover.steps:
             calib = calibration_windows(cfg, src.tokenizer)
             streams["calib"] = capture(src, spec, calib, cfg.batch_size, store)
-            if method.refits(cfg):
-                streams["refit"] = streams["calib"].fork()
+            if method.refits(cfg) or cfg.recover.steps:
+                streams["compressed"] = streams["calib"].fork()
         if cfg.evaluate:
             windows = data.text_eval_windows(src.tokenizer, cfg.eval_text, cfg.seq_len, cfg.eval_windows)
             streams["eval"] = capture(src, spec, windows, evaluate.BATCH_SIZE, store)
@@ -297,10 +298,19 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                                  cfg.progress and method.whole_model)
         with timer.stage("decompose"):
             decs = method.decompose(work)
-        if method.refits(cfg):
-            with timer.stage("refit"):
-                refit = streams["refit"]
-                refit.put(method.refine(work, decs[0], refit.on(onload.device)))
+        if "compressed" in streams:
+            inputs = streams["compressed"].on(onload.device)
+            outputs = inputs
+            if method.refits(cfg):
+                with timer.stage("refit"):
+                    outputs = method.refine(work, decs[0], inputs)
+            if cfg.recover.steps:
+                with timer.stage("recover"):
+                    targets = [b.hidden for b in streams["calib"].batches]
+                    log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,
+                                                         cfg.recover, seed=cfg.seed + layers[0])
+                    decs[0].recovery[str(layers[0])] = log.as_dict()
+            streams["compressed"].put(outputs)
         del grams, work
         with timer.stage("evaluate"):
             for k, dec in enumerate(decs):
@@ -432,7 +442,22 @@ def summary(manifest: Manifest, src: Source, dec: Decomposition) -> dict[str, An
         "whitening_damping": dec.damping,
         "settings": manifest.settings,
         "source_model": str(src.path),
+        **({"recovery": recovery_summary(dec.recovery)} if dec.recovery else {}),
         **extra,
+    }
+
+
+def recovery_summary(per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The recovery stage over all groups: totals, the mean held-out loss before and after, and
+    each group's log (keyed by its first layer)."""
+    logs = list(per_group.values())
+    return {
+        "steps": sum(g["steps"] for g in logs),
+        "seconds": round(sum(g["seconds"] for g in logs), 2),
+        "val_before": sum(g["val_before"] for g in logs) / len(logs),
+        "val_after": sum(g["val_after"] for g in logs) / len(logs),
+        "stopped": {r: sum(g["stopped"] == r for g in logs) for r in sorted({g["stopped"] for g in logs})},
+        "per_group": per_group,
     }
 
 

@@ -45,5 +45,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "ppl_dense" in report:
         lines.append(f"perplexity        dense {report['ppl_dense']:.3f} -> compressed {report['ppl_compressed']:.3f} "
                      f"({report['eval_tokens']:,} tokens)")
+    rec = report.get("recovery")
+    if rec:
+        stopped = ", ".join(f"{n} {why}" for why, n in rec["stopped"].items())
+        lines.append(f"recovery          {rec['steps']} steps in {rec['seconds']:.0f} s; held-out relative error "
+                     f"{rec['val_before']:.4f} -> {rec['val_after']:.4f} (mean over groups; groups stopped: {stopped})")
     lines.append("seconds           " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     return lines

@@ -2,9 +2,10 @@
 
 1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and text;
 2. compress it with Basis Sharing at ratio 0.3 and evaluate perplexity (``soco-compress``);
-3. serve the checkpoint with ``vllm serve OUT --load-format soco`` on 127.0.0.1;
-4. ask a chat completion and a completion through the ``openai`` client, print the answers and
-   the weight memory saved; stop the server.
+3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
+   127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
+4. print the dense and compressed answers side by side, the weight memory saved and both
+   perplexities.
 
 Output goes to ``runs/demo/`` in the repository (replaced on every run).
 """
@@ -22,45 +23,64 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+QUESTIONS = (("chat", "What is the capital of France?"), ("completion", "The three primary colours are"))
+
+
+def ask(base_url: str) -> list[str]:
+    """Greedy answers to :data:`QUESTIONS` through the ``openai`` client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    out = []
+    for kind, text in QUESTIONS:
+        if kind == "chat":
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                               max_tokens=40, temperature=0)
+            out.append(r.choices[0].message.content or "")
+        else:
+            out.append(client.completions.create(model=model, prompt=text, max_tokens=32, temperature=0).choices[0].text)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="basis-sharing")
     p.add_argument("--ratio", default="0.3")
+    p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = p.parse_args()
 
-    from openai import OpenAI
-
+    from compress.models import default_model_dir
     from soco_serve.server import VllmServer
 
     ckpt = a.out / f"{a.method}-{a.ratio}"
     print(f"== 1-2. compress the default model: {a.method}, ratio {a.ratio} -> {ckpt}", flush=True)
     t0 = time.perf_counter()
+    extra = ["--recover-steps", a.recover_steps] if a.recover_steps is not None else []
     subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(ckpt), "--force", "--method", a.method,
-                    "--ratio", a.ratio], check=True, cwd=ROOT)
+                    "--ratio", a.ratio, *extra], check=True, cwd=ROOT)
     print(f"   compressed and evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    print(f"== 3. vllm serve {ckpt} --load-format soco", flush=True)
-    log = a.out / "vllm-serve.log"
-    t0 = time.perf_counter()
-    with VllmServer(ckpt, log_path=log) as server:
-        print(f"   healthy at {server.base_url} after {time.perf_counter() - t0:.0f} s (log: {log})", flush=True)
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-        model = client.models.list().data[0].id
-        print("== 4. openai client", flush=True)
-        chat = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=48, temperature=0)
-        print(f"   chat       > What is the capital of France?\n              {chat.choices[0].message.content!r}")
-        comp = client.completions.create(model=model, prompt="The three primary colours are", max_tokens=32,
-                                         temperature=0)
-        print(f"   completion > The three primary colours are\n              {comp.choices[0].text!r}")
-    print("   server stopped", flush=True)
+    answers: dict[str, list[str]] = {}
+    for label, model, load_format in (("dense", default_model_dir(), None), ("compressed", ckpt, "soco")):
+        flag = f" --load-format {load_format}" if load_format else ""
+        print(f"== 3. vllm serve {model}{flag}", flush=True)
+        log = a.out / f"vllm-serve-{label}.log"
+        t0 = time.perf_counter()
+        with VllmServer(model, load_format=load_format, log_path=log) as server:
+            print(f"   healthy at {server.base_url} after {time.perf_counter() - t0:.0f} s (log: {log})", flush=True)
+            answers[label] = ask(server.base_url)
+        print("   server stopped", flush=True)
+
+    print("== 4. the same questions through the openai client, greedy")
+    for (kind, text), dense, comp in zip(QUESTIONS, answers["dense"], answers["compressed"]):
+        print(f"   {kind:<10} > {text}\n     dense      {dense!r}\n     compressed {comp!r}")
 
     import json
 
     report = json.loads((ckpt / "report.json").read_text())
-    m = re.search(r"weights in memory (\d+) bytes", log.read_text())
+    m = re.search(r"weights in memory (\d+) bytes", (a.out / "vllm-serve-compressed.log").read_text())
     dense_mb = report["model_params"]["dense"] * 4 / 1e6
     if m:
         served_mb = int(m.group(1)) / 1e6

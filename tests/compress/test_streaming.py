@@ -118,8 +118,14 @@ def _kill_at(monkeypatch, target, attr, after_calls):
     monkeypatch.setattr(target, attr, wrapped)
 
 
-@pytest.mark.parametrize("method,args", [("basis-sharing", []), ("fwsvd", [])])
-@pytest.mark.parametrize("stage", ["statistics", "decompose", "after-group", "evaluate", "write"])
+STAGES = ["statistics", "decompose", "after-group", "evaluate", "write"]
+RECOVER = ["--recover-steps", "6", "--calib-windows", "8", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("method,args,stage", [
+    *[(m, [], s) for m in ("basis-sharing", "fwsvd") for s in STAGES],
+    *[(m, RECOVER, s) for m in ("svd-llm", "basis-sharing") for s in ("recover", "after-group")],
+])
 def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch,
                                                                   method, args, stage):
     args = ["--method", method, "--ratio", "0.4", *args]
@@ -132,6 +138,8 @@ def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, te
                 _kill_at(m, pipeline.calibrate.torch.autograd, "grad", 3)
         elif stage == "decompose":
             _kill_at(m, methods.get(method), "decompose", 1)
+        elif stage == "recover":  # half-way through the second group's training
+            _kill_at(m, pipeline.recover, "relative_error", 14)
         elif stage == "after-group":
             _kill_at(m, workdir.WorkDir, "save_group", 1)
         elif stage == "evaluate":

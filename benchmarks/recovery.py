@@ -1,0 +1,184 @@
+"""What recovery buys per minute: local (the compressor's stage) against end to end.
+
+    .venv/bin/python benchmarks/recovery.py --method svd-llm --ratio 0.3 --local-steps 0,20,50 --e2e-steps 300
+
+Both start from the same truncation and train the same tensors (``U``, ``V``, shared bases, the
+matrices kept dense) on the same calibration windows, with the same held-out split:
+
+* ``local@N``: one ``soco-compress --recover-steps N`` run (group by group against the dense
+  group's outputs, memory bounded by one group): its perplexity and recovery seconds;
+* ``e2e``: the ``local@0`` checkpoint loaded whole with transformers and trained against the
+  dense model's next-token distribution (top-k KL, :func:`compress.soco.topk_kl`), the training
+  loop of the compressor's stage (:func:`compress.recover.distill`); perplexity on the evaluation
+  windows at every validation, so one run draws the whole curve. Its memory grows with the model:
+  it is the reference the bounded form is measured against, not a product path.
+
+Perplexity on the default text's evaluation split and on ``--other-text`` (default ``pydoc``:
+Python's reference documentation, another domain). Cells are cached in
+``benchmarks/results/recovery_<name>.json``; the plot (``.png``) is perplexity against seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compress import data, evaluate, models, soco  # noqa: E402
+from compress.config import CompressConfig  # noqa: E402
+from compress.hf_loader import load_soco_model  # noqa: E402
+from compress.pipeline import calibration_windows, run  # noqa: E402
+from compress.recover import RecoverConfig, distill, trainable  # noqa: E402
+from kernels.benchmarking import device_name  # noqa: E402
+from soco_serve.layout import CheckpointReader  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    model.eval()
+    return {k: evaluate.perplexity(model, w, progress=False).ppl for k, w in windows.items()}
+
+
+def local_cell(cfg: CompressConfig, steps: int, lr: float, windows: dict[str, torch.Tensor]) -> dict:
+    out = cfg.output.parent / f"local-{steps}"
+    t0 = time.perf_counter()
+    rep = run(replace(cfg, output=out, force=True, recover=RecoverConfig(steps=steps, lr=lr)))
+    cell = {"wall_seconds": round(time.perf_counter() - t0, 1), "ppl": rep["ppl_compressed"],
+            "recover_seconds": rep.get("recovery", {}).get("seconds", 0.0), "stage_seconds": rep["seconds"],
+            "ppl_other": perplexities(load_soco_model(out), windows)["other"]}
+    if "recovery" in rep:
+        cell["recovery"] = {k: v for k, v in rep["recovery"].items() if k != "per_group"}
+    return cell
+
+
+def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: dict[str, torch.Tensor]) -> dict:
+    """The whole compressed model trained against the dense model's top-k distribution."""
+    dense, tok, _ = models.load_model(str(models.resolve_model(cfg.model)))
+    train = soco.training_windows(calibration_windows(cfg, tok), a.e2e_seq_len)
+    teacher = soco.teacher_topk(dense, train, a.topk, progress=False)
+    del dense
+    student = load_soco_model(ckpt)
+    linears = CheckpointReader(ckpt).manifest.linears
+    params = list(trainable(linears, {n: student.get_submodule(n) for n in linears}).values())
+    batches = list(torch.split(torch.arange(train.shape[0]), a.e2e_batch))
+
+    def loss(b: int) -> torch.Tensor:
+        i = batches[b]
+        return soco.topk_kl(student(input_ids=train[i], use_cache=False).logits, teacher.logp[i], teacher.idx[i])
+
+    curve: list[dict] = []
+    t0 = time.perf_counter()
+    paused = 0.0
+
+    def on_check(step: int, val: float) -> None:
+        nonlocal paused
+        t = time.perf_counter()
+        curve.append({"step": step, "seconds": round(t - t0 - paused, 1), "val_kl": val,
+                      **{f"ppl_{k}" if k != "eval" else "ppl": v for k, v in perplexities(student, windows).items()}})
+        paused += time.perf_counter() - t
+        print(f"   e2e step {step}: held-out KL {val:.4f}, ppl {curve[-1]['ppl']:.2f}", flush=True)
+
+    log = distill(params, loss, len(batches), RecoverConfig(steps=a.e2e_steps, lr=a.e2e_lr, check_every=a.check_every,
+                                                             patience=a.patience), seed=cfg.seed, on_check=on_check)
+    best = perplexities(student, windows)
+    return {"curve": curve, "ppl": best["eval"], "ppl_other": best["other"], "stopped": log.stopped,
+            "best_step": log.best_step, "steps": log.steps, "train_seconds": curve[-1]["seconds"],
+            "settings": {"steps": a.e2e_steps, "lr": a.e2e_lr, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch,
+                         "topk": a.topk, "windows": int(train.shape[0])}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="svd-llm")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--local-steps", default="0,20,50", help="--recover-steps of the local cells")
+    p.add_argument("--local-lr", type=float, default=RecoverConfig.lr)
+    p.add_argument("--e2e-steps", type=int, default=300)
+    p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
+    p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
+    p.add_argument("--e2e-batch", type=int, default=2, help="end-to-end windows per step")
+    p.add_argument("--topk", type=int, default=64, help="teacher log-probabilities kept per token")
+    p.add_argument("--check-every", type=int, default=25)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--other-text", default="pydoc", help="the other-domain evaluation text")
+    p.add_argument("--name", default=None, help="result file stem (default METHOD-RATIO)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/soco-recovery-bench"))
+    a = p.parse_args(argv)
+    name = a.name or f"{a.method}-{a.ratio:g}"
+    path = RESULTS / f"recovery_{name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    cfg = CompressConfig(output=a.work / name / "x", model=a.model, method=a.method, ratio=a.ratio, progress=False)
+    tok = models.load_model(str(models.resolve_model(a.model)))[1]
+    windows = {"eval": data.text_eval_windows(tok, None, cfg.seq_len, cfg.eval_windows),
+               "other": data.text_eval_windows(tok, a.other_text, cfg.seq_len, cfg.eval_windows)}
+    res.update(model=str(models.resolve_model(a.model)), method=a.method, ratio=a.ratio, other_text=a.other_text,
+               device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+               calib_windows=cfg.calib_windows, eval_windows=cfg.eval_windows, seq_len=cfg.seq_len)
+    if "dense" not in res:
+        res["dense"] = perplexities(models.load_model(str(models.resolve_model(a.model)))[0], windows)
+    cells = res.setdefault("cells", {})
+
+    def save() -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+    save()
+    for steps in sorted({0, *(int(s) for s in a.local_steps.split(",") if s)}):
+        key = f"local@{steps}"
+        if key not in cells or (steps and cells[key].get("lr") != a.local_lr):
+            print(f"== {key}", flush=True)
+            cells[key] = {**local_cell(cfg, steps, a.local_lr, windows), "lr": a.local_lr}
+            save()
+        print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
+    if a.e2e_steps and "e2e" not in cells:
+        print("== e2e", flush=True)
+        cells["e2e"] = e2e_cell(cfg, a.work / name / "local-0", a, windows)
+        save()
+    plot(res, path.with_suffix(".png"))
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    cells = res["cells"]
+    local = sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items() if k.startswith("local@"))
+    for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
+                                    (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
+        if local:
+            ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
+                    label="local (group by group)")
+            for s, c, k in local:
+                ax.annotate(k.split("@")[1], (s / 60, c[field]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        if "e2e" in cells:
+            curve = cells["e2e"]["curve"]
+            ax.plot([c["seconds"] / 60 for c in curve], [c[field] for c in curve], marker=".", label="end to end")
+        ax.axhline(dense, color="gray", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("training minutes (evaluation excluded)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{res['model'].rsplit('/', 1)[-1]}, {res['method']} at {res['ratio']:g}: recovery against time "
+                 f"({res['device']}, {res['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Recovery: a group's kept factors trained to reproduce the dense group (local distillation).
+
+Truncation leaves every low-rank layer at the optimum of its own reconstruction objective, but
+not of the model's: each layer's error feeds the next. Recovery trains what the checkpoint stores
+for the group (``U``, ``V``, shared bases and the matrices kept dense; biases and norms frozen) so
+that the compressed group, run on the *compressed* model's activations at its input, reproduces
+the *dense* group's outputs on the dense activations. Because the input is what the compressed
+model really sees, every group also learns to undo the error of the groups before it.
+
+Training happens one group at a time, so its memory is bounded like the rest of the compressor
+(one group onloaded, one group's activations and gradients). The ranks and shapes never change:
+the checkpoint layout is the same as without recovery.
+
+The loss is the mean, over tokens, of the relative squared error ``‖y − t‖² / ‖t‖²`` of the
+group's output hidden state: scale-free (hidden states grow with depth) and per token, as the
+final RMS norm sees them. The calibration batches are split once: the last ``holdout`` share is
+never trained on, and the held-out loss decides early stopping and which state is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_name
+
+from .calibrate import LayerInput, forward_layer
+from .factors import Decomposition
+from .hf_loader import lowrank_modules, swapped
+
+
+@dataclass
+class RecoverConfig:
+    """Settings of the recovery stage (``--recover-*``); ``steps = 0`` turns it off."""
+
+    steps: int = 0  # optimizer steps per group (one calibration batch each)
+    lr: float = 5e-4  # AdamW learning rate (cosine decay to zero over ``steps``)
+    holdout: float = 0.125  # share of the calibration batches held out for validation
+    check_every: int = 10  # steps between two validations
+    patience: int = 3  # validations without improvement before stopping early
+
+    def check(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"--recover-steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"--recover-lr must be > 0, got {self.lr}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"--recover-holdout must be between 0 and 1, got {self.holdout}")
+        if self.check_every < 1 or self.patience < 1:
+            raise ValueError("recovery check_every and patience must be >= 1")
+
+
+class RecoveryError(ValueError):
+    """Recovery cannot run on this calibration set."""
+
+
+def split_holdout(n_batches: int, holdout: float) -> tuple[list[int], list[int]]:
+    """Training and validation batch indices: the last ``ceil(holdout·n)`` batches (at least one)
+    are held out, and at least one batch is left to train on."""
+    if n_batches < 2:
+        raise RecoveryError(f"recovery needs at least 2 calibration batches (one held out), got {n_batches}; "
+                            "raise --calib-windows or lower --batch-size")
+    n_val = min(max(1, math.ceil(holdout * n_batches)), n_batches - 1)
+    return list(range(n_batches - n_val)), list(range(n_batches - n_val, n_batches))
+
+
+def relative_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``‖y − t‖² / ‖t‖²`` (the last dimension is the hidden state)."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    y, target = y.to(dtype), target.to(dtype)
+    num = (y - target).pow(2).sum(-1)
+    den = target.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (num / den).mean()
+
+
+@dataclass
+class RecoveryLog:
+    """What one group's recovery did (recorded per group in the report)."""
+
+    steps: int = 0  # optimizer steps taken
+    best_step: int = 0  # the step whose state was kept (0: the truncation itself)
+    val_before: float = float("nan")  # held-out loss of the truncated factors
+    val_after: float = float("nan")  # held-out loss of the kept state
+    train_first: float = float("nan")
+    train_last: float = float("nan")
+    stopped: str = "budget"  # budget | early (held-out loss stopped improving) | nonfinite | diverged
+    seconds: float = 0.0
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def distill(params: Sequence[nn.Parameter], loss: Callable[[int], torch.Tensor], n_batches: int,
+            cfg: RecoverConfig, seed: int = 0, on_check: Callable[[int, float], None] | None = None) -> RecoveryLog:
+    """Train ``params`` in place to lower ``loss(b)`` on the training batches (``b`` indexes the
+    ``n_batches`` batches; :func:`split_holdout` keeps some apart); returns with the best held-out
+    state restored. ``on_check(step, held-out loss)`` is called after every validation.
+
+    Stops early when ``patience`` validations in a row do not improve on the best, and at once
+    when a training or held-out loss is not finite or the held-out loss exceeds four times its
+    starting value (diverged): the best state so far is kept either way, and ``stopped`` says why.
+    """
+    t0 = time.perf_counter()
+    train, val = split_holdout(n_batches, cfg.holdout)
+    log = RecoveryLog()
+
+    def validate() -> float:
+        with torch.no_grad():
+            return float(sum(loss(b) for b in val) / len(val))
+
+    log.val_before = best = validate()
+    log.curve.append((0, best))
+    if on_check is not None:
+        on_check(0, best)
+    saved = [p.detach().clone() for p in params]
+    if not math.isfinite(best):
+        log.stopped, log.val_after = "nonfinite", best
+        return log
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+    order = torch.Generator().manual_seed(seed)
+    perm: list[int] = []
+    stale = 0
+    try:
+        for step in range(1, cfg.steps + 1):
+            if not perm:
+                perm = [train[i] for i in torch.randperm(len(train), generator=order).tolist()]
+            b = perm.pop()
+            with torch.enable_grad():
+                value = loss(b)
+            if not torch.isfinite(value):
+                log.stopped = "nonfinite"
+                break
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            log.steps = step
+            log.train_last = float(value.detach())
+            if step == 1:
+                log.train_first = log.train_last
+            if step % cfg.check_every and step != cfg.steps:
+                continue
+            v = validate()
+            log.curve.append((step, v))
+            if on_check is not None:
+                on_check(step, v)
+            if not math.isfinite(v):
+                log.stopped = "nonfinite"
+                break
+            if v > 4 * log.val_before:
+                log.stopped = "diverged"
+                break
+            if v < best:
+                best, stale, log.best_step = v, 0, step
+                for s, p in zip(saved, params):
+                    s.copy_(p.detach())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.stopped = "early"
+                    break
+    finally:
+        with torch.no_grad():
+            for s, p in zip(saved, params):
+                p.copy_(s)
+                p.requires_grad_(False)
+    log.val_after = best
+    log.seconds = round(time.perf_counter() - t0, 2)
+    return log
+
+
+def trainable(linears: Mapping[str, LinearEntry], mods: Mapping[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Checkpoint tensor name -> the module parameter that holds it, for everything recovery trains
+    (a shared basis once, however many layers read it; biases are left out)."""
+    out: dict[str, nn.Parameter] = {}
+    for name, e in linears.items():
+        m = mods[name]
+        if e.kind == "dense":
+            out[weight_name(name)] = m.weight  # type: ignore[assignment]
+            continue
+        out[u_name(name)] = m.u  # type: ignore[assignment]
+        out[basis_name(e.basis) if e.kind == "shared" else v_name(name)] = m.v  # type: ignore[arg-type,assignment]
+    return out
+
+
+def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposition, compute_dtype: torch.dtype,
+                  inputs: list[LayerInput], targets: list[torch.Tensor], cfg: RecoverConfig,
+                  seed: int) -> tuple[RecoveryLog, list[LayerInput]]:
+    """Distill the group's tensors in ``dec`` (updated in place, same dtypes and shapes) so that the
+    compressed ``layers`` on ``inputs`` (the compressed model's activations) reproduce ``targets``
+    (the dense group's outputs); returns the log and the recovered group's outputs."""
+    mods = lowrank_modules(dec.linears, dec.bases, lambda n: dec.tensors[n].clone(), compute_dtype)
+    params = trainable(dec.linears, mods)
+
+    def run(b: int) -> torch.Tensor:
+        h = inputs[b]
+        for layer in layers:
+            h = forward_layer(layer, h)
+        return h.hidden
+
+    with swapped(model, mods):
+        log = distill(list(params.values()), lambda b: relative_error(run(b), targets[b].to(inputs[b].hidden.device)),
+                      len(inputs), cfg, seed)
+        with torch.no_grad():
+            outputs = [LayerInput(run(b), x.kwargs) for b, x in enumerate(inputs)]
+    for name, p in params.items():
+        dec.tensors[name] = p.detach().to(dec.tensors[name].dtype)
+    return log, outputs

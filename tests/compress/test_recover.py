@@ -1,0 +1,170 @@
+"""Recovery's training loop on problems with a known answer, and its guards."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compress.recover import RecoverConfig, RecoveryError, distill, relative_error, split_holdout
+
+
+def _regression(n_batches=8, rows=32, n_in=6, n_out=5, seed=0):
+    """Batches of a linear map ``t = x W*ᵀ`` and a parameter started away from ``W*``."""
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    xs = [torch.randn(rows, n_in, generator=g, dtype=torch.float64) for _ in range(n_batches)]
+    w = nn.Parameter(w_star + 0.5 * torch.randn(n_out, n_in, generator=g, dtype=torch.float64), requires_grad=False)
+    return w, w_star, xs
+
+
+def test_relative_error_against_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    y, t = torch.randn(2, 3, 7, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    ref = sum(((y[i, j] - t[i, j]).norm() ** 2 / t[i, j].norm() ** 2).item() for i in range(2) for j in range(3)) / 6
+    assert relative_error(y, t).item() == pytest.approx(ref, rel=1e-12)
+    assert relative_error(t, t).item() == 0.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 16, 64])
+def test_holdout_is_disjoint_and_leaves_something_to_train(n):
+    train, val = split_holdout(n, 0.125)
+    assert set(train).isdisjoint(val) and sorted(train + val) == list(range(n))
+    assert len(val) == min(max(1, math.ceil(0.125 * n)), n - 1) and train
+
+
+def test_holdout_needs_two_batches():
+    with pytest.raises(RecoveryError, match="at least 2 calibration batches"):
+        split_holdout(1, 0.125)
+
+
+def test_distill_fits_a_linear_map_and_never_trains_on_held_out_batches():
+    w, w_star, xs = _regression()
+    trained_on = set()
+
+    def forward(b):
+        if torch.is_grad_enabled():
+            trained_on.add(b)
+        return xs[b] @ w.T
+
+    err0 = (w - w_star).norm().item()
+    log = distill([w], lambda b: relative_error(forward(b), xs[b] @ w_star.T), len(xs),
+                  RecoverConfig(steps=300, lr=2e-2, check_every=10, patience=30))
+    _, val = split_holdout(len(xs), 0.125)
+    assert trained_on and trained_on.isdisjoint(val)
+    assert log.val_after < 1e-3 * log.val_before and log.best_step > 0
+    assert (w - w_star).norm().item() < 0.05 * err0
+    assert not w.requires_grad
+
+
+def test_distill_keeps_an_exact_start_unchanged():
+    w, w_star, xs = _regression()
+    with torch.no_grad():
+        w.copy_(w_star)
+    log = distill([w], lambda b: relative_error(xs[b] @ w.T, xs[b] @ w_star.T), len(xs), RecoverConfig(steps=20, lr=1e-3))
+    assert log.val_before == 0.0 and log.best_step == 0
+    assert torch.equal(w.detach(), w_star)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state():
+    w, w_star, xs = _regression()
+    calls = {"n": 0}
+
+    def forward(b):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 25:
+                return xs[b] @ w.T * float("nan")
+        return xs[b] @ w.T
+
+    log = distill([w], lambda b: relative_error(forward(b), xs[b] @ w_star.T), len(xs),
+                  RecoverConfig(steps=100, lr=1e-2, check_every=10, patience=100))
+    assert log.stopped == "nonfinite" and log.steps == 24 and log.best_step == 20
+    assert torch.isfinite(w.detach()).all()
+    # The kept state is the one validated at step 20: the same held-out loss.
+    _, val = split_holdout(len(xs), 0.125)
+    v = sum(relative_error(xs[b] @ w.detach().T, xs[b] @ w_star.T) for b in val) / len(val)
+    assert v.item() == pytest.approx(log.val_after, rel=1e-12)
+
+
+def test_diverging_loss_stops_and_restores_the_start():
+    w, w_star, xs = _regression()
+    start = w.detach().clone()
+    log = distill([w], lambda b: relative_error(xs[b] @ w.T, xs[b] @ w_star.T), len(xs),
+                  RecoverConfig(steps=50, lr=50.0, check_every=1, patience=100))
+    assert log.stopped == "diverged" and log.best_step == 0
+    assert torch.equal(w.detach(), start)
+    assert log.val_after == log.val_before
+
+
+def test_config_is_checked():
+    for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0)):
+        with pytest.raises(ValueError, match="recover"):
+            bad.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# In the compressor, on tiny random Llamas
+# ---------------------------------------------------------------------------------------------
+
+TINY = ["--calib-windows", "16", "--seq-len", "64", "--no-progress"]
+
+
+def _run(src, out, text, *args):
+    from compress.cli import main
+
+    assert main([str(src), "-o", str(out), *TINY, "--calib-text", str(text), "--eval-text", str(text),
+                 "--eval-windows", "4", *args]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "basis-sharing"])
+def test_recovery_lowers_the_held_out_loss_and_keeps_the_layout(tiny_llama, text_file, tmp_path, method):
+    from soco_serve.layout import CheckpointReader
+
+    plain = _run(tiny_llama, tmp_path / "plain", text_file, "--method", method, "--ratio", "0.4")
+    rec = _run(tiny_llama, tmp_path / "rec", text_file, "--method", method, "--ratio", "0.4",
+               "--recover-steps", "30", "--recover-lr", "1e-4")
+    groups = rec["recovery"]["per_group"]
+    assert sorted(groups, key=int) == [str(g[0]) for g in rec["groups"]]
+    assert all(g["val_after"] <= g["val_before"] for g in groups.values())
+    assert sum(g["best_step"] > 0 for g in groups.values()) >= len(groups) // 2
+    assert rec["recovery"]["val_after"] < rec["recovery"]["val_before"]
+    assert rec["settings"]["recover"]["steps"] == 30 and rec["ranks"] == plain["ranks"]
+    a, b = CheckpointReader(tmp_path / "plain"), CheckpointReader(tmp_path / "rec")
+    assert a.manifest.linears == b.manifest.linears and a.manifest.bases == b.manifest.bases
+    assert sorted(a.names()) == sorted(b.names())
+    changed = 0
+    for name in a.names():
+        ta, tb = a.get(name), b.get(name)
+        assert ta.shape == tb.shape and ta.dtype == tb.dtype, name
+        changed += not torch.equal(ta, tb)
+    assert changed > 0
+
+
+def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_path):
+    from compress.hf_loader import load_soco_model
+    from compress.models import load_model
+
+    rep = _run(tiny_llama_f64, tmp_path / "ck", text_file, "--method", "svd-llm", "--full-rank", "--recover-steps", "10",
+               "--recover-lr", "1e-4")
+    assert rep["recovery"]["steps"] > 0
+    ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = load_soco_model(tmp_path / "ck")(input_ids=ids).logits
+        want = load_model(str(tiny_llama_f64))[0](input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+def test_recovery_refuses_several_ratios_and_too_few_batches(tiny_llama, text_file, tmp_path):
+    from compress.config import CompressConfig
+
+    with pytest.raises(ValueError, match="run once per ratio"):
+        CompressConfig(output=tmp_path / "x", method="soco", ratios=(0.3, 0.4), recover=RecoverConfig(steps=5))
+    from compress.cli import main
+
+    assert main([str(tiny_llama), "-o", str(tmp_path / "y"), "--calib-windows", "2", "--batch-size", "2",
+                 "--seq-len", "64", "--no-progress", "--no-eval", "--calib-text", str(text_file),
+                 "--method", "svd-llm", "--recover-steps", "5"]) != 0
+    assert not (tmp_path / "y").exists()
