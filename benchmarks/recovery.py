@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows)
+    p.add_argument("--batch-size", type=int, default=CompressConfig.batch_size, help="calibration windows per batch")
+    p.add_argument("--seq-len", type=int, default=CompressConfig.seq_len)
+    p.add_argument("--eval-windows", type=int, default=CompressConfig.eval_windows)
     p.add_argument("--local-steps", default="0,20,50", help="--recover-steps of the local cells")
     p.add_argument("--local-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-steps", type=int, default=300)
@@ -112,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--other-text", default="pydoc", help="the other-domain evaluation text")
     p.add_argument("--name", default=None, help="result file stem (default METHOD-RATIO)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/soco-recovery-bench"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/soco-recovery-bench"), help="checkpoints go here")
     a = p.parse_args(argv)
     name = a.name or f"{a.method}-{a.ratio:g}"
     path = RESULTS / f"recovery_{name}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    cfg = CompressConfig(output=a.work / name / "x", model=a.model, method=a.method, ratio=a.ratio, progress=False)
+    cfg = CompressConfig(output=a.work / name / "x", model=a.model, method=a.method, ratio=a.ratio, progress=False,
+                         calib_windows=a.calib_windows, batch_size=a.batch_size, seq_len=a.seq_len,
+                         eval_windows=a.eval_windows)
     tok = models.load_model(str(models.resolve_model(a.model)))[1]
     windows = {"eval": data.text_eval_windows(tok, None, cfg.seq_len, cfg.eval_windows),
                "other": data.text_eval_windows(tok, a.other_text, cfg.seq_len, cfg.eval_windows)}

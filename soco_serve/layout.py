@@ -430,7 +430,14 @@ class CheckpointReader:
         self.validate()
 
     def validate(self) -> None:
-        """Every tensor the manifest implies exists with the right shape and a floating dtype."""
+        """Every tensor the manifest implies exists with the right shape and a floating dtype, and
+        every floating tensor is stored in the manifest's dtype (one rule: a tensor in another
+        dtype is refused, never cast silently; rewrite it in the checkpoint's dtype)."""
+        want = getattr(torch, self.manifest.dtype, None)
+        for name, info in self.tensors.items():
+            if info.dtype.is_floating_point and info.dtype != want:
+                raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, but {MANIFEST_FILE} "
+                                      f"says the checkpoint is {self.manifest.dtype}")
         for name, shape in self.manifest.expected_shapes().items():
             info = self.tensors.get(name)
             if info is None:

@@ -103,6 +103,9 @@ def test_missing_basis_id():
 @pytest.mark.parametrize("name,bad,msg", [
     ("a.0.q.lowrank_v", torch.randn(4, 8), r"'a.0.q.lowrank_v' has shape \[4, 8\], manifest expects \[3, 8\]"),
     ("a.0.q.lowrank_v", torch.randint(0, 3, (3, 8)), r"'a.0.q.lowrank_v' has dtype torch.int64"),
+    # a factor in another float dtype is refused, never cast silently
+    ("a.0.q.lowrank_v", torch.randn(3, 8).half(), r"'a.0.q.lowrank_v' has dtype torch.float16, but .* float32"),
+    ("embed.weight", torch.randn(10, 8).bfloat16(), r"'embed.weight' has dtype torch.bfloat16"),
 ])
 def test_tensor_disagrees_with_manifest(tmp_path, name, bad, msg):
     t = _tensors()

@@ -53,8 +53,10 @@ def full_rank_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bs03_ckpt(tmp_path_factory) -> Path:
+    # With a short recovery stage: recovered factors serve like any others (same layout).
     return compress(tmp_path_factory.mktemp("serve") / "bs-0.3", "--method", "basis-sharing", "--ratio", "0.3",
-                    "--calib-windows", "8", "--seq-len", "256", "--shared-types", "q,k,v,gate")
+                    "--calib-windows", "8", "--batch-size", "2", "--seq-len", "256", "--shared-types", "q,k,v,gate",
+                    "--recover-steps", "6")
 
 
 @pytest.fixture(scope="session")
@@ -146,6 +148,7 @@ def test_compressed_checkpoint_behind_the_openai_api(bs03_ckpt, tmp_path):
     assert_held_once(log.read_text())
     in_memory, _ = weight_bytes(log.read_text())
     report = json.loads((bs03_ckpt / "report.json").read_text())
+    assert any(g["best_step"] > 0 for g in report["recovery"]["per_group"].values())  # recovered factors served
     dense_bytes = report["model_params"]["dense"] * 4
     assert in_memory <= dense_bytes * (1 - report["model_ratio"]) * 1.02
     assert in_memory < dense_bytes * 0.8
@@ -241,12 +244,16 @@ def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
     elif how == "dtype":
         tensors[name] = tensors[name].to(torch.int32)
         expect = f"'{name}' has dtype torch.int32"
+    elif how == "float-dtype":  # another float dtype than the manifest's: refused, not cast silently
+        tensors[name] = tensors[name].to(torch.float16)
+        expect = f"'{name}' has dtype torch.float16, but soco_manifest.json says the checkpoint is"
     save_file(tensors, shard, metadata={"format": "pt"})
     assert reader  # the original stays valid
     return dst, expect
 
 
-@pytest.mark.parametrize("how", ["dense-folder", "version", "missing", "shape", "dtype", "rank", "basis"])
+@pytest.mark.parametrize("how", ["dense-folder", "version", "missing", "shape", "dtype", "float-dtype", "rank",
+                                 "basis"])
 def test_bad_checkpoints_fail_before_healthy(tiny_bs_ckpt, tmp_path, how):
     path, expect = _break(tiny_bs_ckpt, tmp_path / "broken", how)
     server = VllmServer(path, log_path=tmp_path / "bad.log").launch()
