@@ -46,7 +46,7 @@ from compress.config import CompressConfig  # noqa: E402
 from compress.hf_loader import load_soco_model  # noqa: E402
 from compress.methods import REGISTRY  # noqa: E402
 from compress.pipeline import ratio_dir, run  # noqa: E402
-from compress.recover import RecoverConfig  # noqa: E402
+from compress.recover import DEFAULT_STEPS, RecoverConfig  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
 from kernels.benchmarking import device_name  # noqa: E402
 
@@ -66,7 +66,8 @@ class BenchMethod(NamedTuple):
         """The ``soco-compress`` flags that make this row's checkpoints, but ``--ratio`` (serving.py
         serves them; a one-run row is one call with every ratio)."""
         return ["--method", self.method, "--group-size", str(self.group_size),
-                "--coefficient-update", self.coefficient_update, "--seed", str(self.seed)]
+                "--coefficient-update", self.coefficient_update, "--seed", str(self.seed),
+                *([] if self.recover else ["--recover-steps", "0"])]
 
 
 BENCH_METHODS = {
@@ -96,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
     p.add_argument("--rank-ratio", type=float, default=0.4, help="the ratio whose ranks _ranks.png compares")
     d = SocoConfig()
-    p.add_argument("--recover-steps", type=int, default=50, help="recovery steps per group of the '+recover' rows")
+    p.add_argument("--recover-steps", type=int, default=DEFAULT_STEPS,
+                   help="recovery steps per group of the '+recover' rows (the compressor's default)")
     p.add_argument("--recover-lr", type=float, default=RecoverConfig.lr, help="recovery learning rate")
     p.add_argument("--soco-steps", type=int, default=d.steps, help="soco training steps")
     p.add_argument("--soco-lr", type=float, default=d.lr, help="soco learning rate")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = results.setdefault("cells", {})
     soco_cfg = SocoConfig(steps=a.soco_steps, lr=a.soco_lr, seq_len=a.soco_seq_len, seed=a.soco_seed)
     base = CompressConfig(output=Path("/nonexistent"), model=a.model, calib_windows=a.calib_windows,
-                          eval_windows=a.eval_windows, seq_len=a.seq_len, progress=False, soco=soco_cfg)
+                          eval_windows=a.eval_windows, seq_len=a.seq_len, progress=False, soco=soco_cfg,
+                          recover=RecoverConfig(steps=0))  # each row sets its own (config below)
     model_path = str(models.resolve_model(a.model))
     if results.get("model", model_path) != model_path:
         print(f"{out_json} holds cells of {results['model']}: starting it afresh", flush=True)
@@ -150,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     def config(method: str, ratio: float) -> CompressConfig:
         m = BENCH_METHODS[method]
         return replace(base, method=m.method, ratio=ratio, group_size=m.group_size, coefficient_update=m.coefficient_update,
-                       seed=m.seed, recover=recover_cfg if m.recover else RecoverConfig())
+                       seed=m.seed, recover=recover_cfg if m.recover else RecoverConfig(steps=0))
 
     def cached(method: str, ratio: float) -> bool:
         c = cells.get(cell_key(method, ratio))
         return (c is not None and (BENCH_METHODS[method].method != "soco" or c.get("soco_settings") == soco_settings)
                 and c.get("coefficient_update") == config(method, ratio).refit
-                and c.get("recover_settings", asdict(RecoverConfig())) == asdict(config(method, ratio).recover)
+                and c.get("recover_settings", asdict(RecoverConfig(steps=0))) == asdict(config(method, ratio).recover)
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, report: dict, ckpt: Path) -> None:

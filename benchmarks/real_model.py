@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="a dense Hugging Face folder (safetensors)")
     p.add_argument("--name", required=True, help="result file stem: real_<name>.json")
-    p.add_argument("--cells", default="svd-llm@0.2", help="comma-separated method@ratio")
+    p.add_argument("--cells", default="svd-llm@0.2",
+                   help="comma-separated method@ratio; method+recover@ratio with the recovery stage at its default")
     p.add_argument("--calib-windows", type=int, default=16)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -84,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         save()
     for cell in [c for c in a.cells.split(",") if c]:
         method, ratio = cell.split("@")
+        method, recover = method.removesuffix("+recover"), method.endswith("+recover")
         c = cells.setdefault(cell, {})
         ckpt = a.out / a.name / cell.replace("@", "-")
         if "report" not in c:
             r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method, "--ratio", ratio,
                                            "--calib-windows", str(a.calib_windows), "--eval-windows",
-                                           str(a.eval_windows), "--seq-len", str(a.seq_len), "--no-progress"])
+                                           str(a.eval_windows), "--seq-len", str(a.seq_len), "--no-progress",
+                                           *([] if recover else ["--recover-steps", "0"])])
             if "error" in r:
                 print(f"{cell}: compression failed:\n{r['error']}", flush=True)
                 c.update(r)

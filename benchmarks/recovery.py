@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(path.read_text()) if path.exists() else {}
     cfg = CompressConfig(output=a.work / name / "x", model=a.model, method=a.method, ratio=a.ratio, progress=False,
                          calib_windows=a.calib_windows, batch_size=a.batch_size, seq_len=a.seq_len,
-                         eval_windows=a.eval_windows)
+                         eval_windows=a.eval_windows, recover=RecoverConfig(steps=0))  # each cell sets its own
     tok = models.load_model(str(models.resolve_model(a.model)))[1]
     windows = {"eval": data.text_eval_windows(tok, None, cfg.seq_len, cfg.eval_windows),
                "other": data.text_eval_windows(tok, a.other_text, cfg.seq_len, cfg.eval_windows)}

@@ -137,7 +137,10 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
     shutil.rmtree(out, ignore_errors=True)
     res = compress_subprocess(code, [str(model), "-o", str(out), "--method", method, "--ratio", str(a.ratio),
                                      "--calib-windows", str(a.calib_windows), "--seq-len", str(a.seq_len),
-                                     "--no-eval", "--no-progress"])
+                                     "--no-eval", "--no-progress",
+                                     # the decomposition's memory and time, without the recovery stage
+                                     # (older compressors, --baseline, have none)
+                                     *(["--recover-steps", "0"] if (code / "compress" / "recover.py").exists() else [])])
     shutil.rmtree(out, ignore_errors=True)
     report = res.pop("report", None)
     if report is None:

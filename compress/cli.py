@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import allocate, calibrate, data, decompose, methods, models, soco, workdir
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
-from .recover import RecoverConfig, RecoveryError
+from .recover import DEFAULT_STEPS, RecoverConfig, RecoveryError
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
@@ -123,8 +123,9 @@ def compress_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("recovery (distill the kept factors against the dense model, group by group; "
                              "see compress/recover.py)")
     rd = RecoverConfig()
-    r.add_argument("--recover-steps", type=int, default=rd.steps, metavar="N",
-                   help="optimizer steps per group (one calibration batch each); 0 = no recovery")
+    r.add_argument("--recover-steps", type=int, default=None, metavar="N",
+                   help=f"optimizer steps per group (one calibration batch each); 0 = no recovery; default "
+                        f"{DEFAULT_STEPS}, or 0 with --full-rank or several ratios")
     r.add_argument("--recover-lr", type=float, default=rd.lr, help="AdamW learning rate (cosine decay)")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,
                    help="share of the calibration batches held out: early stopping keeps the best held-out state")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from soco_serve.layout import DEFAULT_MAX_SHARD_BYTES
 
 from . import allocate, methods, soco
-from .recover import RecoverConfig, split_holdout
+from .recover import DEFAULT_STEPS, RecoverConfig, split_holdout
 
 DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
 
@@ -68,6 +68,8 @@ class CompressConfig:
             self.ratio = min(self.ratios)
         m.check(self)
         self.recover.check()
+        if self.recover.steps is None:  # auto: on, but not where the factors are exact or several checkpoints come out
+            self.recover = replace(self.recover, steps=0 if self.full_rank or len(self.ratio_list) > 1 else DEFAULT_STEPS)
         if self.recover.steps and len(self.ratio_list) > 1:
             raise ValueError(f"--recover-steps trains one checkpoint; run once per ratio instead of {list(self.ratios)}")
         if self.recover.steps:  # one batch at least is held out, one at least trained on

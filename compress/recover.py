@@ -37,16 +37,16 @@ from .hf_loader import lowrank_modules, swapped
 
 @dataclass
 class RecoverConfig:
-    """Settings of the recovery stage (``--recover-*``); ``steps = 0`` turns it off."""
+    """Settings of the recovery stage (``--recover-*``); the defaults are the README's (Results, Recovery)."""
 
-    steps: int = 0  # optimizer steps per group (one calibration batch each)
+    steps: int | None = None  # optimizer steps per group (one calibration batch each); 0 = off; None = auto
     lr: float = 5e-4  # AdamW learning rate (cosine decay to zero over ``steps``)
     holdout: float = 0.125  # share of the calibration batches held out for validation
     check_every: int = 10  # steps between two validations
     patience: int = 3  # validations without improvement before stopping early
 
     def check(self) -> None:
-        if self.steps < 0:
+        if self.steps is not None and self.steps < 0:
             raise ValueError(f"--recover-steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"--recover-lr must be > 0, got {self.lr}")
@@ -54,6 +54,9 @@ class RecoverConfig:
             raise ValueError(f"--recover-holdout must be between 0 and 1, got {self.holdout}")
         if self.check_every < 1 or self.patience < 1:
             raise ValueError("recovery check_every and patience must be >= 1")
+
+
+DEFAULT_STEPS = 32  # what "auto" means where recovery applies (README: Results, Recovery)
 
 
 class RecoveryError(ValueError):
@@ -65,7 +68,7 @@ def split_holdout(n_batches: int, holdout: float) -> tuple[list[int], list[int]]
     are held out, and at least one batch is left to train on."""
     if n_batches < 2:
         raise RecoveryError(f"recovery needs at least 2 calibration batches (one held out), got {n_batches}; "
-                            "raise --calib-windows or lower --batch-size")
+                            "raise --calib-windows, lower --batch-size, or turn recovery off with --recover-steps 0")
     n_val = min(max(1, math.ceil(holdout * n_batches)), n_batches - 1)
     return list(range(n_batches - n_val)), list(range(n_batches - n_val, n_batches))
 

@@ -1,7 +1,8 @@
 """The main job, end to end on the embedded default model (``make demo``).
 
 1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and text;
-2. compress it with Basis Sharing at ratio 0.3 and evaluate perplexity (``soco-compress``);
+2. compress it with svd-llm at ratio 0.3 and the default recovery stage, and evaluate perplexity
+   (``soco-compress``);
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -13,6 +14,7 @@ Output goes to ``runs/demo/`` in the repository (replaced on every run).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -45,7 +47,8 @@ def ask(base_url: str) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="basis-sharing")
+    p.add_argument("--method", default="svd-llm",
+                   help="svd-llm by default: with recovery, the method that keeps make demo within 15 minutes")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
@@ -60,7 +63,8 @@ def main() -> int:
     extra = ["--recover-steps", a.recover_steps] if a.recover_steps is not None else []
     subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(ckpt), "--force", "--method", a.method,
                     "--ratio", a.ratio, *extra], check=True, cwd=ROOT)
-    print(f"   compressed and evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
+    compress_seconds = time.perf_counter() - t0
+    print(f"   compressed and evaluated in {compress_seconds:.0f} s", flush=True)
 
     answers: dict[str, list[str]] = {}
     for label, model, load_format in (("dense", default_model_dir(), None), ("compressed", ckpt, "soco")):
@@ -73,11 +77,12 @@ def main() -> int:
             answers[label] = ask(server.base_url)
         print("   server stopped", flush=True)
 
+    summary = {"method": a.method, "ratio": float(a.ratio), "compress_seconds": round(compress_seconds, 1),
+               "answers": {text: {"dense": d, "compressed": c}
+                           for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
     print("== 4. the same questions through the openai client, greedy")
     for (kind, text), dense, comp in zip(QUESTIONS, answers["dense"], answers["compressed"]):
         print(f"   {kind:<10} > {text}\n     dense      {dense!r}\n     compressed {comp!r}")
-
-    import json
 
     report = json.loads((ckpt / "report.json").read_text())
     m = re.search(r"weights in memory (\d+) bytes", (a.out / "vllm-serve-compressed.log").read_text())
@@ -89,6 +94,10 @@ def main() -> int:
     print(f"== perplexity: dense {report['ppl_dense']:.2f}, compressed {report['ppl_compressed']:.2f} "
           f"({report['eval_tokens']:,} tokens); ratio {report['achieved_ratio']:.3f} of linear weights, "
           f"{report['model_ratio']:.3f} of the model")
+    summary.update({k: report[k] for k in ("ppl_dense", "ppl_compressed", "eval_tokens", "achieved_ratio", "model_ratio")},
+                   recovery={k: v for k, v in report.get("recovery", {}).items() if k != "per_group"})
+    (a.out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"== wrote {a.out / 'demo.json'}")
     return 0
 
 

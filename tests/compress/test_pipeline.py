@@ -11,7 +11,7 @@ from compress.models import load_model
 from compress.pipeline import CompressConfig
 from soco_serve.layout import CheckpointReader
 
-COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
+COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress", "--recover-steps", "0"]
 
 
 def _compress(src, out, *args, text=None, evaluate=False):

@@ -108,7 +108,7 @@ def test_config_is_checked():
 # In the compressor, on tiny random Llamas
 # ---------------------------------------------------------------------------------------------
 
-TINY = ["--calib-windows", "16", "--seq-len", "64", "--no-progress"]
+TINY = ["--calib-windows", "16", "--seq-len", "64", "--no-progress", "--recover-steps", "0"]
 
 
 def _run(src, out, text, *args):

@@ -14,7 +14,7 @@ from compress.data import calibration_windows, load_text, tokenize_stream
 from soco_serve.layout import CheckpointReader, Manifest
 from tests.compress import reference
 
-COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress"]
+COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress", "--recover-steps", "0"]
 
 
 class Prepared:

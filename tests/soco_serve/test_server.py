@@ -40,7 +40,7 @@ PROMPTS = [
 
 def compress(out: Path, *args: str, model: Path | None = None) -> Path:
     cmd = [sys.executable, "-m", "compress.cli", *([str(model)] if model else []), "-o", str(out), "--no-eval",
-           "--no-progress", *args]
+           "--no-progress", "--recover-steps", "0", *args]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[2])
     return out
 
