@@ -31,3 +31,14 @@ def make_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, seed: int = 
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def load_benchmark(name: str, results, monkeypatch):
+    """``benchmarks/<name>.py`` as a module whose result files go to ``results``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", results)
+    return module

@@ -1,20 +1,15 @@
 """benchmarks/quality.py end to end on a tiny random Llama: cells, resume, the further text."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture
 def quality(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "quality_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    return module
+    return load_benchmark("quality", tmp_path, monkeypatch)
 
 
 def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_path, capsys):

@@ -1,20 +1,15 @@
 """benchmarks/recovery.py on a tiny random Llama: local cells, the end-to-end curve, the plot, the cache."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "recovery_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    return module
+    return load_benchmark("recovery", tmp_path, monkeypatch)
 
 
 def test_local_and_end_to_end_cells(bench, tiny_llama, tmp_path, capsys):
