@@ -23,7 +23,7 @@ costs against ``soco``, which trains once per ratio) and ``soco-shared-onerun`` 
 bases). Every row but the one-run ones also comes as ``<row>+recover`` (with the recovery stage,
 :mod:`compress.recover`, at ``--recover-steps`` and ``--recover-lr``) and ``<row>+recover-seed1``
 (the same with calibration seed 1). Cells are recomputed when the soco or recovery settings differ
-from the cached ones; the README's Results give each row's time.
+from the cached ones; docs/results.md gives each row's time.
 """
 
 from __future__ import annotations

@@ -60,12 +60,16 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, windows: dict[str, to
     return cell
 
 
-def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: dict[str, torch.Tensor]) -> dict:
+def e2e_settings(a: argparse.Namespace) -> dict:
+    return {"steps": a.e2e_steps, "lr": a.e2e_lr, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
+            "check_every": a.check_every, "patience": a.patience}
+
+
+def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: dict[str, torch.Tensor],
+             dense: torch.nn.Module, tok) -> dict:
     """The whole compressed model trained against the dense model's top-k distribution."""
-    dense, tok, _ = models.load_model(str(models.resolve_model(cfg.model)))
     train = soco.training_windows(calibration_windows(cfg, tok), a.e2e_seq_len)
     teacher = soco.teacher_topk(dense, train, a.topk, progress=False)
-    del dense
     student = load_soco_model(ckpt)
     linears = CheckpointReader(ckpt).manifest.linears
     params = list(trainable(linears, {n: student.get_submodule(n) for n in linears}).values())
@@ -92,8 +96,7 @@ def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: di
     best = perplexities(student, windows)
     return {"curve": curve, "ppl": best["eval"], "ppl_other": best["other"], "stopped": log.stopped,
             "best_step": log.best_step, "steps": log.steps, "train_seconds": curve[-1]["seconds"],
-            "settings": {"steps": a.e2e_steps, "lr": a.e2e_lr, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch,
-                         "topk": a.topk, "windows": int(train.shape[0])}}
+            "settings": {**e2e_settings(a), "windows": int(train.shape[0])}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CompressConfig(output=a.work / name / "x", model=a.model, method=a.method, ratio=a.ratio, progress=False,
                          calib_windows=a.calib_windows, batch_size=a.batch_size, seq_len=a.seq_len,
                          eval_windows=a.eval_windows, recover=RecoverConfig(steps=0))  # each cell sets its own
-    tok = models.load_model(str(models.resolve_model(a.model)))[1]
+    model_path = str(models.resolve_model(a.model))
+    dense, tok, _ = models.load_model(model_path)
     windows = {"eval": data.text_eval_windows(tok, None, cfg.seq_len, cfg.eval_windows),
                "other": data.text_eval_windows(tok, a.other_text, cfg.seq_len, cfg.eval_windows)}
-    res.update(model=str(models.resolve_model(a.model)), method=a.method, ratio=a.ratio, other_text=a.other_text,
-               device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-               calib_windows=cfg.calib_windows, eval_windows=cfg.eval_windows, seq_len=cfg.seq_len)
+    setting = {"model": model_path, "method": a.method, "ratio": a.ratio, "other_text": a.other_text,
+               "calib_windows": cfg.calib_windows, "batch_size": cfg.batch_size, "eval_windows": cfg.eval_windows,
+               "seq_len": cfg.seq_len}
+    if any(res.get(k) != v for k, v in setting.items()):
+        if res:
+            print(f"{path} was made with other settings: starting it afresh", flush=True)
+        res = {}
+    res.update(setting, device=device_name(torch.device("cpu")), threads=torch.get_num_threads())
     if "dense" not in res:
-        res["dense"] = perplexities(models.load_model(str(models.resolve_model(a.model)))[0], windows)
+        res["dense"] = perplexities(dense, windows)
     cells = res.setdefault("cells", {})
 
     def save() -> None:
@@ -145,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             cells[key] = {**local_cell(cfg, steps, a.local_lr, windows), "lr": a.local_lr}
             save()
         print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
-    if a.e2e_steps and "e2e" not in cells:
+    cached = {k: v for k, v in cells.get("e2e", {}).get("settings", {}).items() if k != "windows"}
+    if a.e2e_steps and cached != e2e_settings(a):
         print("== e2e", flush=True)
-        cells["e2e"] = e2e_cell(cfg, a.work / name / "local-0", a, windows)
+        cells["e2e"] = e2e_cell(cfg, a.work / name / "local-0", a, windows, dense, tok)
         save()
     plot(res, path.with_suffix(".png"))
     return 0

@@ -18,8 +18,8 @@ per-matrix ranks (some matrices kept dense), ``soco-shared`` soco on shared base
 ``soco-onerun`` every ratio pruned from one soco training run (``--ratio 0.2,0.3,...``),
 ``soco-shared-onerun`` the same on shared bases. Speed depends on the ranks alone; where the
 ratio fixes them (every method but soco) the checkpoints are made from 8 calibration windows of
-256 tokens, soco's are made at the defaults of ``soco-compress`` (about 8 minutes each on 2
-cores), since its ranks are learned from the calibration data. Each checkpoint's entry also gives
+256 tokens, soco's are made at the defaults of ``soco-compress`` (the slowest: see
+docs/results.md), since its ranks are learned from the calibration data. Each checkpoint's entry also gives
 its decoder linears' multiply-adds per token against dense, from its manifest.
 
 Writes ``benchmarks/results/serving_<name>.json`` and ``.png``; the machine is recorded inside.

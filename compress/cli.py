@@ -82,13 +82,12 @@ def compress_parser() -> argparse.ArgumentParser:
     m.add_argument("--group-size", type=int, default=None,
                    help="adjacent layers per shared basis (basis-sharing: default 2; soco: default 1 = private "
                         "factors, N > 1 = soco on shared bases; for those at 0.4 or more, --ratio 0.2,R trained "
-                        "far more stably than --ratio R in our runs: README, Results)")
+                        "far more stably than --ratio R in our runs: docs/results.md)")
     m.add_argument("--shared-types", default=",".join(DEFAULT_SHARED_KINDS),
                    help="basis-sharing: matrix types that share a basis (others stay private)")
     m.add_argument("--coefficient-update", choices=("auto", "on", "off"), default="auto",
                    help="basis-sharing: refit each layer's coefficients on the compressed model's own "
-                        "activations (slower: about 3 minutes for the default 64 calibration windows on 2 "
-                        "cores); auto = on unless --full-rank")
+                        "activations (slower; docs/results.md gives its time); auto = on unless --full-rank")
     m.add_argument("--asvd-alpha", type=float, default=0.5,
                    help="asvd: input channels are scaled by (mean |activation|)^ALPHA before truncation")
     m.add_argument("--force-factorize", action="store_true",

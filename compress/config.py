@@ -35,7 +35,7 @@ class CompressConfig:
     full_rank: bool = False
     dtype: str = "auto"
     calib_text: str | None = None
-    calib_windows: int = 64  # basis-sharing needs this many to beat svd-llm (README, Results)
+    calib_windows: int = 64  # basis-sharing needs this many to beat svd-llm (docs/results.md)
     seq_len: int = 512
     batch_size: int = 4
     seed: int = 0

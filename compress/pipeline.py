@@ -221,10 +221,11 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     streams: dict[str, Stream] = {}
     calib = None
     with timer.stage("capture"), onload.outer():
-        if method.needs_grams or method.needs_fisher or method.refits(cfg) or method.whole_model or cfg.recover.steps:
+        on_compressed = method.refits(cfg) or cfg.recover.steps > 0  # stages that read the compressed activations
+        if method.needs_grams or method.needs_fisher or method.whole_model or on_compressed:
             calib = calibration_windows(cfg, src.tokenizer)
             streams["calib"] = capture(src, spec, calib, cfg.batch_size, store)
-            if method.refits(cfg) or cfg.recover.steps:
+            if on_compressed:
                 streams["compressed"] = streams["calib"].fork()
         if cfg.evaluate:
             windows = data.text_eval_windows(src.tokenizer, cfg.eval_text, cfg.seq_len, cfg.eval_windows)

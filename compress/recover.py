@@ -37,7 +37,7 @@ from .hf_loader import lowrank_modules, swapped
 
 @dataclass
 class RecoverConfig:
-    """Settings of the recovery stage (``--recover-*``); the defaults are the README's (Results, Recovery)."""
+    """Settings of the recovery stage (``--recover-*``); the defaults are docs/results.md's (Recovery)."""
 
     steps: int | None = None  # optimizer steps per group (one calibration batch each); 0 = off; None = auto
     lr: float = 5e-4  # AdamW learning rate (cosine decay to zero over ``steps``)
@@ -56,7 +56,7 @@ class RecoverConfig:
             raise ValueError("recovery check_every and patience must be >= 1")
 
 
-DEFAULT_STEPS = 32  # what "auto" means where recovery applies (README: Results, Recovery)
+DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 
 class RecoveryError(ValueError):
@@ -125,6 +125,7 @@ def distill(params: Sequence[nn.Parameter], loss: Callable[[int], torch.Tensor],
     saved = [p.detach().clone() for p in params]
     if not math.isfinite(best):
         log.stopped, log.val_after = "nonfinite", best
+        log.seconds = round(time.perf_counter() - t0, 2)
         return log
     for p in params:
         p.requires_grad_(True)

@@ -70,7 +70,7 @@ lands within about 0.01 pp above the target. Several ratios from one run (``--ra
 train towards the smallest and prune the same scores further for the others. On shared bases
 this is also the stable way to a high ratio: on the default model at 32 calibration windows, soco
 on shared bases trained towards 0.5 ended at perplexity 2387 and 511 in two runs, trained towards
-0.2 and pruned to 0.5 at 300 and 333 in two seeds (README, Results;
+0.2 and pruned to 0.5 at 300 and 333 in two seeds (docs/results.md;
 ``benchmarks/results/quality_soco*.json``).
 
 **Folding.** Kept components keep their learned scores: ``U·√(σs)``, ``√(σs)·Vᵀ S⁻¹`` (private),

@@ -48,7 +48,8 @@ def ask(base_url: str) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="svd-llm",
-                   help="svd-llm by default: with recovery, the method that keeps make demo within 15 minutes")
+                   help="svd-llm by default: with recovery, the fastest of the methods (the demo's time is in "
+                        "docs/results.md)")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
