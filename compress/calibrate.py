@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,18 @@ def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     return [forward_layer(layer, li) for li in inputs]
 
 
+def layer_statistics(layer: nn.Module, refs: list[LinearRef], grams: "GramSet | None",
+                     inputs: list[LayerInput]) -> list[LayerInput]:
+    """Run one decoder layer on every batch, adding its linears' input statistics (``refs``, the
+    layer's own) into ``grams`` (None: just run it); returns the next layer's inputs."""
+    handles = attach_gram_hooks(refs, grams) if grams is not None else []
+    try:
+        return run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def device_of(mod: nn.Module) -> torch.device:
     p = next(mod.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -269,11 +282,28 @@ def collect_fisher(run_layers: "LayerSource", model: nn.Module, spec: ArchSpec, 
 
 
 class LayerSource:
-    """What :func:`collect_fisher` needs from the load stage: layers and the outer modules, onloaded
-    for the duration of a ``with`` block (implemented by the pipeline over :class:`~compress.source.Source`)."""
+    """What the whole-model stages (:func:`collect_fisher`, soco's training) need from the load
+    stage: layers and the outer modules, onloaded for the duration of a ``with`` block
+    (implemented by the pipeline over :class:`~compress.source.Source`, and by :class:`Resident`)."""
 
     def loaded(self, layers: list[int]) -> Any:
         raise NotImplementedError
 
     def outer(self) -> Any:
         raise NotImplementedError
+
+
+class Resident(LayerSource):
+    """A model held whole in memory: nothing to onload."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.model, self.spec = model, spec
+
+    @contextmanager
+    def loaded(self, layers: list[int]) -> Iterator[list[nn.Module]]:
+        mods = decoder_layers(self.model, self.spec)
+        yield [mods[i] for i in layers]
+
+    @contextmanager
+    def outer(self) -> Iterator[None]:
+        yield

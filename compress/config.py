@@ -60,7 +60,7 @@ class CompressConfig:
             raise ValueError(f"--activations must be device or cpu, got {self.activations!r}")
         if self.ratios:
             self.ratios = tuple(float(r) for r in self.ratios)
-            if len(self.ratios) > 1 and not m.whole_model:
+            if len(self.ratios) > 1 and not m.several_ratios:
                 raise ValueError(f"several ratios {list(self.ratios)} from one run need --method soco; "
                                  f"run {self.method} once per ratio")
             for r in self.ratios:

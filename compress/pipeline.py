@@ -41,7 +41,7 @@ from .config import DEFAULT_SHARED_KINDS, CompressConfig
 from .factors import Decomposition
 from .hf_loader import lowrank_modules, swapped
 from .source import Source
-from .workdir import WorkDir, load_tensors, save_tensors
+from .workdir import WorkDir
 
 __all__ = ["CompressConfig", "DEFAULT_SHARED_KINDS", "run", "ratio_dir"]
 
@@ -77,6 +77,10 @@ class Memory:
 
     stat_bytes: int = 0
     per_group: list[dict[str, int]] = field(default_factory=list)
+
+    def note_stats(self) -> None:
+        """Called while statistics are alive: keeps their peak."""
+        self.stat_bytes = max(self.stat_bytes, calibrate.live_stat_bytes())
 
     def sample(self, device: torch.device) -> dict[str, int]:
         s = {"rss_bytes": rss_bytes(), "stat_bytes": calibrate.live_stat_bytes()}
@@ -222,7 +226,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     calib = None
     with timer.stage("capture"), onload.outer():
         on_compressed = method.refits(cfg) or cfg.recover.steps > 0  # stages that read the compressed activations
-        if method.needs_grams or method.needs_fisher or method.whole_model or on_compressed:
+        if method.needs_grams or method.whole_model_stage or on_compressed:
             calib = calibration_windows(cfg, src.tokenizer)
             streams["calib"] = capture(src, spec, calib, cfg.batch_size, store)
             if on_compressed:
@@ -236,22 +240,24 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         sha = src.weights_sha256()
     work = WorkDir(cfg.output, cfg.run_settings(), sha, restart=cfg.restart)
     done = work.finished_groups(n_ratios)
+    prepared = None
+    if method.whole_model_stage and done < len(groups):
+        assert calib is not None
+        with timer.stage("whole_model"):
+            prepared = method.prepare(methods.ModelWork(
+                cfg, onload, model, spec, src.refs, groups, calib, streams["calib"].on(device), device, src.dtype,
+                work.stats_path, work.scratch, memory.note_stats, cfg.progress))
     if done:
         state = work.load_state(done - 1)
         for name, s in streams.items():
             s.restore(name, state, store)
-
-    fisher = None
-    if method.needs_fisher and done < len(groups):
-        with timer.stage("fisher"):
-            fisher = whole_model_fisher(work, onload, src, streams["calib"], cfg.progress)
 
     group_seconds: list[float] = []
     bar = tqdm(total=len(groups), initial=done, desc=f"compress ({cfg.method})", unit="group",
                disable=not cfg.progress)
     for g in range(done, len(groups)):
         t0 = time.perf_counter()
-        decs = compress_group(cfg, method, src, onload, groups[g], streams, fisher, calib, dtype, timer, memory)
+        decs = compress_group(cfg, method, src, onload, groups[g], streams, prepared, dtype, timer, memory)
         with timer.stage("write_groups"):
             state = {k: v for name, s in streams.items() for k, v in s.state(name).items()}
             work.save_group(g, decs, state)
@@ -274,29 +280,28 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
 
 
 def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onload: Onloader, layers: range,
-                   streams: dict[str, Stream], fisher: dict[str, torch.Tensor] | None, calib: torch.Tensor | None,
-                   dtype: torch.dtype, timer: Timer, memory: Memory) -> list[Decomposition]:
+                   streams: dict[str, Stream], prepared: Any, dtype: torch.dtype, timer: Timer,
+                   memory: Memory) -> list[Decomposition]:
     """One group: dense statistics and dense streams, the method, the refit and compressed streams."""
     model, spec = src.model, src.spec
-    with onload.loaded(list(layers)) as mods, (onload.outer() if method.whole_model else _nothing()):
+    with onload.loaded(list(layers)) as mods:
         refs = [r for r in models.find_linears(model, spec) if r.layer in layers]
         grams = calibrate.GramSet() if method.needs_grams else None
-        with timer.stage("statistics"):
-            for i, layer in zip(layers, mods):
-                handles = calibrate.attach_gram_hooks([r for r in refs if r.layer == i], grams) if grams else []
-                try:
-                    if "calib" in streams:
-                        streams["calib"].run(layer)
-                finally:
-                    for h in handles:
-                        h.remove()
+        work = methods.GroupWork(layers, refs, grams, prepared, cfg, dtype, src.dtype, model, spec)
+        for i, layer in zip(layers, mods):
+            with timer.stage("statistics"):
+                if "calib" in streams:
+                    s = streams["calib"]
+                    s.put(calibrate.layer_statistics(layer, [r for r in refs if r.layer == i] if grams else [], grams,
+                                                     s.on(onload.device)))
                 if "eval" in streams:
                     streams["eval"].run(layer)
+                if grams is not None:
+                    grams.check()
+                memory.note_stats()
             if grams is not None:
-                grams.check()
-            memory.stat_bytes = max(memory.stat_bytes, calibrate.live_stat_bytes())
-        work = methods.GroupWork(layers, refs, grams, fisher, cfg, dtype, src.dtype, model, spec, calib,
-                                 cfg.progress and method.whole_model)
+                with timer.stage("decompose"):
+                    method.early(work, i)
         with timer.stage("decompose"):
             decs = method.decompose(work)
         if "compressed" in streams:
@@ -329,24 +334,6 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                         t = src.read(name)
                         dec.tensors[name] = t.to(dtype) if t.is_floating_point() else t
     return decs
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def whole_model_fisher(work: WorkDir, onload: Onloader, src: Source, calib: Stream,
-                       progress: bool) -> dict[str, torch.Tensor]:
-    """FWSVD's gradient statistics before the group loop, cached in the work folder."""
-    path = work.stats_path("fisher")
-    if path.is_file():
-        return load_tensors(path)[0]
-    scratch = work.scratch("fisher")
-    fisher = calibrate.collect_fisher(onload, src.model, src.spec, src.refs, calib.ids, calib.on(onload.device),
-                                      lambda i: scratch / f"layer-{i:05d}.pt", progress)
-    save_tensors(path, fisher)
-    return fisher
 
 
 def head_perplexities(onload: Onloader, src: Source, streams: dict[str, Stream]) -> dict[str, evaluate.Perplexity]:

@@ -68,9 +68,8 @@ that alone would overshoot the target by more than 0.5 pp (then zero-score compo
 needed and the count reported as ``kept_zero``). One component at a time, so the achieved ratio
 lands within about 0.01 pp above the target. Several ratios from one run (``--ratio 0.3,0.4,0.5``)
 train towards the smallest and prune the same scores further for the others. On shared bases
-this is also the stable way to a high ratio: on the default model at 32 calibration windows, soco
-on shared bases trained towards 0.5 ended at perplexity 2387 and 511 in two runs, trained towards
-0.2 and pruned to 0.5 at 300 and 333 in two seeds (docs/results.md;
+this is also the stable way to a high ratio: trained directly towards 0.5, soco on shared bases
+ends far worse than trained towards 0.2 and pruned to 0.5 (docs/results.md,
 ``benchmarks/results/quality_soco*.json``).
 
 **Folding.** Kept components keep their learned scores: ``U·√(σs)``, ``√(σs)·Vᵀ S⁻¹`` (private),
@@ -78,18 +77,28 @@ on shared bases trained towards 0.5 ended at perplexity 2387 and 511 in two runs
 block stores ``Σ_{s_i > 0} σ_i s_i u_i v_iᵀ S⁻¹``. The result is an ordinary
 :class:`~compress.factors.Decomposition`, so writing, loaders and serving need no change.
 
-**Memory.** The dense teacher runs once over the training windows before training; only its
-top-k log-probabilities are kept (``k = 128``: 256 tokens × 128 × 8 bytes = 260 KB a window, vs
-50 MB of fp32 logits at vocab 49152); no second model copy is needed, the scored layers are
-swapped into the model and swapped back afterwards.
+**Memory: one group of layers, whatever the depth.** Nothing holds the whole model. The spectra
+are taken a group at a time from the dense calibration activations and each group's blocks are
+written to the work folder (:func:`save_blocks`); between uses a block keeps only its scores,
+``σ`` and prior in memory (the budget and the threshold need no more). The dense teacher runs once
+over the training windows, a group at a time, and only its top-k log-probabilities are kept
+(``k = 128``: 260 KB per 256-token window instead of the whole vocabulary's logits). A training
+step (:class:`Stack`) walks the groups forward without a graph, keeping only each group's input,
+then from the head down onloads each group again (dense weights and factors), recomputes it with
+gradients and passes the gradient of its input to the group below: the whole model's gradient
+(tested) for one extra forward pass and two onloads per group and step. The group loop then folds
+each group at the global threshold, so evaluation, recovery and resume work as for every method.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,12 +125,10 @@ class SocoConfig:
     """Training settings.
 
     The defaults are sized for SmolLM2-135M on 2 CPU cores: 240 steps of one 256-token window
-    (61 K training tokens, each calibration token seen about 4 times). One step (forward and
-    backward of the full-rank scored model) costs about 2 dense forward passes of the window
-    (measured: 17 vs 9 CPU-seconds on a heavily loaded machine), i.e. about 1.5 s on an idle one
-    (platform notes: 1.4 s per 512-token dense forward), so training is estimated at 6-8 minutes
-    and the whole run (load, dense evaluation, calibration, all whitened spectra, the teacher pass,
-    training, writing, evaluation) well under 30 minutes. On a GPU, closer to the paper's scale:
+    (61 K training tokens, each calibration token seen about 4 times). One step costs a forward
+    pass without a graph, a recomputed forward pass with one, and the backward pass (see the
+    module docstring); the report's ``soco.seconds`` says what a run took. On a GPU, closer to the
+    paper's scale:
     ``--device cuda --calib-windows 256 --seq-len 2048
     --soco-seq-len 1024 --soco-batch-size 4 --soco-steps 2000 --soco-lr 0.02``.
     """
@@ -326,6 +333,138 @@ def _swap(model: nn.Module, name: str, mod: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The scored model, a group of layers at a time
+# ---------------------------------------------------------------------------------------------
+
+
+class FactorFiles:
+    """Every group's blocks' factors (``v``, ``us``) in a file of their own, onloaded for one
+    group at a time; between onloads they are meta tensors (shapes only). The scores, ``σ`` and
+    the prior stay in memory: they are all the budget and the threshold need."""
+
+    def __init__(self, paths: list[Path], blocks: list[list[Block]], device: torch.device):
+        self.paths, self.blocks, self.device = paths, blocks, device
+
+    @contextmanager
+    def loaded(self, g: int) -> Iterator[None]:
+        from .workdir import load_tensors
+
+        tensors = load_tensors(self.paths[g])[0]
+        try:
+            for k, b in enumerate(self.blocks[g]):
+                b.v = tensors[f"{k}.v"].to(self.device)
+                b.us = [tensors[f"{k}.u{j}"].to(self.device) for j in range(b.n)]
+            del tensors
+            yield
+        finally:
+            for b in self.blocks[g]:
+                b.v = b.v.to("meta")
+                b.us = [u.to("meta") for u in b.us]
+
+
+def save_blocks(path: Path, blocks: list[Block], damping: dict[str, float]) -> None:
+    """One group's blocks (factors, spectrum, prior, members) and its whitening ridges, atomically."""
+    from .workdir import save_tensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, b in enumerate(blocks):
+        tensors[f"{k}.v"], tensors[f"{k}.sigma"] = b.v, b.sigma
+        tensors.update({f"{k}.u{j}": u for j, u in enumerate(b.us)})
+        if b.prior is not None:
+            tensors[f"{k}.prior"] = b.prior
+    meta = [{"refs": [r.name for r in b.refs], "basis_id": b.basis_id} for b in blocks]
+    save_tensors(path, tensors, {"blocks": json.dumps(meta), "damping": json.dumps(damping)})
+
+
+def load_blocks(path: Path, refs: list[models.LinearRef],
+                device: torch.device) -> tuple[list[Block], dict[str, float]]:
+    """The blocks :func:`save_blocks` wrote, factors left on the meta device (:class:`FactorFiles`
+    onloads them), scores at 1."""
+    from .workdir import load_tensors
+
+    tensors, meta = load_tensors(path)
+    by_name = {r.name: r for r in refs}
+    blocks = []
+    for k, m in enumerate(json.loads(meta["blocks"])):
+        sigma, v = tensors[f"{k}.sigma"], tensors[f"{k}.v"]
+        blocks.append(Block([by_name[n] for n in m["refs"]], m["basis_id"], sigma.to(device), v.to("meta"),
+                            [tensors[f"{k}.u{j}"].to("meta") for j in range(len(m["refs"]))],
+                            torch.ones(len(m["refs"]), sigma.numel(), dtype=sigma.dtype, device=device,
+                                       requires_grad=True),
+                            prior=tensors[f"{k}.prior"].to(device) if f"{k}.prior" in tensors else None))
+    return blocks, json.loads(meta["damping"])
+
+
+class Stack:
+    """The model as training sees it: its decoder layers in groups, each group onloaded (from a
+    :class:`calibrate.LayerSource`) with its blocks swapped in only while it runs, so memory holds
+    one group's weights and graph whatever the depth. The gradient of a step reaches the scores
+    group by group from the head down, each group recomputed from its saved input: exactly the
+    whole model's gradient, for one extra forward pass (tested against the whole model's autograd)."""
+
+    def __init__(self, layers: calibrate.LayerSource, model: nn.Module, spec: models.ArchSpec,
+                 groups: list[range], blocks: list[list[Block]], device: torch.device,
+                 factors: FactorFiles | None = None):
+        self.layers, self.model, self.spec, self.groups = layers, model, spec, groups
+        self.blocks, self.device, self.factors = blocks, device, factors
+
+    @classmethod
+    def resident(cls, model: nn.Module, spec: models.ArchSpec, blocks: list[Block], group_size: int = 1) -> "Stack":
+        """A model held whole in memory (tests, small models), in groups of ``group_size`` layers."""
+        n = len(models.decoder_layers(model, spec))
+        groups = [range(a, min(a + group_size, n)) for a in range(0, n, group_size)]
+        per = [[b for b in blocks if b.refs[0].layer in g] for g in groups]
+        device = next(model.parameters()).device
+        return cls(calibrate.Resident(model, spec), model, spec, groups, per, device)
+
+    @property
+    def all_blocks(self) -> list[Block]:
+        return [b for g in self.blocks for b in g]
+
+    @contextmanager
+    def group(self, g: int, scored: bool = True) -> Iterator[list[nn.Module]]:
+        """Group ``g``'s layers onloaded, with the scored linears in place when ``scored``."""
+        with self.layers.loaded(list(self.groups[g])) as mods:
+            if not scored:
+                yield mods
+                return
+            with (self.factors.loaded(g) if self.factors else nullcontext()), installed(self.model, self.blocks[g]):
+                yield mods
+
+    def inputs(self, ids: torch.Tensor) -> calibrate.LayerInput:
+        """The first decoder layer's inputs for one batch (the outer modules must be onloaded)."""
+        return calibrate.layer_inputs(self.model, self.spec, ids, ids.shape[0])[0]
+
+    def kl_backward(self, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor,
+                    kl_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of one batch, its gradient accumulated into the scores' ``.grad``
+        (not when the loss is not finite). The outer modules must be onloaded."""
+        x = self.inputs(ids)
+        starts = []
+        with torch.no_grad():
+            for g in range(len(self.groups)):
+                starts.append(x.hidden)
+                with self.group(g) as mods:
+                    for m in mods:
+                        x = calibrate.forward_layer(m, x)
+        h = x.hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            kl = kl_fn(calibrate.head_logits(self.model, self.spec, ids, h), t_logp, t_idx)
+            if not torch.isfinite(kl):
+                return kl.detach()
+            (grad,) = torch.autograd.grad(kl, h)
+        for g in reversed(range(len(self.groups))):
+            h = starts[g].detach().requires_grad_(True)
+            with self.group(g) as mods, torch.enable_grad():
+                y = calibrate.LayerInput(h, x.kwargs)
+                for m in mods:
+                    y = calibrate.forward_layer(m, y)
+                torch.autograd.backward(y.hidden, grad, inputs=[h, *(b.scores for b in self.blocks[g])])
+            grad = h.grad
+        return kl.detach()
+
+
+# ---------------------------------------------------------------------------------------------
 # Budget
 # ---------------------------------------------------------------------------------------------
 
@@ -380,17 +519,26 @@ class Teacher:
 
 
 @torch.no_grad()
-def teacher_topk(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int = 2,
+def teacher_topk(stack: "Stack", windows: torch.Tensor, k: int, batch_size: int = 2,
                  progress: bool = True) -> Teacher:
-    device = next(model.parameters()).device
+    """The dense model's top-k log-probabilities of every window: one pass, a group of layers at
+    a time over all windows (each group onloaded once), then the head a batch at a time."""
+    batches = list(torch.split(windows.to(stack.device), batch_size))
+    with stack.layers.outer():
+        xs = [stack.inputs(b) for b in batches]
+    for g in tqdm(range(len(stack.groups)), desc="soco teacher", unit="group", disable=not progress):
+        with stack.group(g, scored=False) as mods:
+            for m in mods:
+                xs = calibrate.run_layer(m, xs)
     logps, idxs = [], []
-    for b in tqdm(torch.split(windows, batch_size), desc="soco teacher", unit="batch", disable=not progress):
-        logits = model(input_ids=b.to(device), use_cache=False).logits
-        lp = torch.log_softmax(logits.float() if logits.dtype != F64 else logits, dim=-1)
-        v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        logps.append(v.cpu())
-        idxs.append(i.to(torch.int32).cpu())
-        del logits, lp
+    with stack.layers.outer():
+        for b, x in zip(batches, xs):
+            logits = calibrate.head_logits(stack.model, stack.spec, b, x.hidden)
+            lp = torch.log_softmax(logits.float() if logits.dtype != F64 else logits, dim=-1)
+            v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            logps.append(v.cpu())
+            idxs.append(i.to(torch.int32).cpu())
+            del logits, lp
     return Teacher(torch.cat(logps), torch.cat(idxs))
 
 
@@ -495,12 +643,13 @@ def _restore(blocks: list[Block], saved: list[torch.Tensor]) -> None:
             b.scores.copy_(s)
 
 
-def train(model: nn.Module, blocks: list[Block], windows: torch.Tensor, teacher: Teacher, ratio: float,
+def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
           cfg: SocoConfig, force_factorize: bool = False, progress: bool = True,
           kl_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = topk_kl) -> dict[str, Any]:
-    """The three-stage score training (module docstring); scores are updated in place. Returns
-    the training log. A non-finite loss or score stops training: the last good scores are
-    restored and the stop is reported in the log (``stopped``)."""
+    """The three-stage score training (module docstring) of ``stack``'s blocks; scores are updated
+    in place. Returns the training log. A non-finite loss or score stops training: the last good
+    scores are restored and the stop is reported in the log (``stopped``)."""
+    blocks = stack.all_blocks
     scores = [b.scores for b in blocks]
     # eps and the floor of ḡ are in nats per unit score: distillation gradients below 1e-8 (numerical
     # noise at the dense point) move nothing; the compression push starts from the dense point anyway
@@ -515,7 +664,7 @@ def train(model: nn.Module, blocks: list[Block], windows: torch.Tensor, teacher:
     steps = cfg.steps
     ramp = max(1, round(cfg.stage1 * steps))
     stage3_start = steps - round(cfg.stage3 * steps)
-    device = next(model.parameters()).device
+    device = stack.device
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(windows.shape[0], generator=gen)
     with torch.no_grad():
@@ -544,7 +693,7 @@ def train(model: nn.Module, blocks: list[Block], windows: torch.Tensor, teacher:
     stages["1"] = {"start_step": 0, "kl_start": None}
     bar = tqdm(total=steps, desc="soco train", unit="step", disable=not progress)
     try:
-        with installed(model, blocks):
+        with stack.layers.outer():
             for step in range(steps):
                 # -- stage switching (criteria in the module docstring) ----------------------
                 if stage == 1 and step >= stage3_start:
@@ -568,13 +717,11 @@ def train(model: nn.Module, blocks: list[Block], windows: torch.Tensor, teacher:
                 pick = order[cursor: cursor + cfg.batch_size]
                 cursor += cfg.batch_size
                 opt.zero_grad(set_to_none=True)
-                logits = model(input_ids=windows[pick].to(device), use_cache=False).logits
-                kl = kl_fn(logits, teacher.logp[pick].to(device), teacher.idx[pick].to(device))
-                del logits
+                kl = stack.kl_backward(windows[pick].to(device), teacher.logp[pick].to(device),
+                                       teacher.idx[pick].to(device), kl_fn)
                 if not torch.isfinite(kl):
                     stopped = f"non-finite distillation loss at step {step} (stage {stage}); kept the last good scores"
                     break
-                kl.backward()
                 kl_val = float(kl.detach())
                 kl_ema = kl_val if kl_ema is None else 0.9 * kl_ema + 0.1 * kl_val
                 g2 = sum(float((s.grad.double() ** 2).sum()) for s in scores if s.grad is not None)
@@ -686,47 +833,40 @@ def fold(blocks: list[Block], keep: list[torch.Tensor], dtype: torch.dtype, forc
 # ---------------------------------------------------------------------------------------------
 
 
-def compress(model: nn.Module, refs: list[models.LinearRef], grams: calibrate.GramSet | None,
-             calib: torch.Tensor | None, ratios: list[float], cfg: SocoConfig, *, group_size: int = 1,
-             shared_kinds: tuple[str, ...] = (), force_factorize: bool = False, dtype: torch.dtype | None = None,
-             progress: bool = True) -> list[tuple[float, Decomposition]]:
-    """Train once towards ``min(ratios)`` and fold one checkpoint per ratio from the same scores.
+@dataclass
+class Trained:
+    """What soco's whole-model stage leaves for the group loop: the trained stack (every group's
+    blocks, factors on disk), one pruning per target ratio, each group's whitening ridges and the
+    training log. The group loop folds one group at a time (:meth:`fold`)."""
 
-    ``model`` is used in place and left exactly as it was (the scored layers are swapped back).
-    """
-    if not ratios:
-        raise SocoError("no target ratio given")
+    stack: Stack
+    prunings: list[Pruning]
+    damping: list[dict[str, float]]
+    log: dict[str, Any]
+
+    def fold(self, g: int, dtype: torch.dtype, force_factorize: bool, order: list[str]) -> list[Decomposition]:
+        """Group ``g``'s checkpoint part for every ratio (its layers must be onloaded: biases)."""
+        first = sum(len(b) for b in self.stack.blocks[:g])
+        blocks = self.stack.blocks[g]
+        outs = []
+        with self.stack.factors.loaded(g) if self.stack.factors else nullcontext():
+            for pr in self.prunings:
+                dec = fold(blocks, pr.keep[first: first + len(blocks)], dtype, force_factorize, order)
+                dec.damping.update(self.damping[g])
+                if g == 0:  # the run's log travels with the first group
+                    dec.log = {**self.log, "prune": dict(ratio=round(pr.ratio, 6), stored=pr.stored,
+                                                         threshold=pr.threshold, pruned_nonzero=pr.pruned_nonzero,
+                                                         kept_zero=pr.kept_zero)}
+                outs.append(dec)
+        return outs
+
+
+def prune(stack: Stack, ratios: list[float], force_factorize: bool = False) -> list[Pruning]:
+    """One global threshold per ratio on the trained scores (warning when zero scores are kept)."""
+    out = []
     for r in ratios:
-        allocate.check_ratio(r)
-    windows = training_windows(calib, cfg.seq_len)
-    if grams is None:
-        raise SocoError("soco needs the calibration Gram statistics (whitening)")
-    for r in ratios:
-        check_reachable(refs, r, group_size, shared_kinds, force_factorize)
-    t0 = time.perf_counter()
-    blocks, damping = build_blocks(refs, grams, group_size=group_size, shared_kinds=shared_kinds,
-                                   init=cfg.init, dtype=next(model.parameters()).dtype, progress=progress,
-                                   prior_power=cfg.prior)
-    t_spectra = time.perf_counter() - t0
-    teacher = teacher_topk(model, windows, cfg.topk, progress=progress)
-    t_teacher = time.perf_counter() - t0 - t_spectra
-    train_ratio = min(ratios)
-    log = train(model, blocks, windows, teacher, train_ratio, cfg, force_factorize, progress)
-    log.update(seconds=dict(spectra=round(t_spectra, 1), teacher=round(t_teacher, 1),
-                            train=round(time.perf_counter() - t0 - t_spectra - t_teacher, 1)),
-               windows=dict(count=int(windows.shape[0]), seq_len=int(windows.shape[1])),
-               group_size=group_size, init=cfg.init)
-    if log["stopped"]:
-        print(f"soco: WARNING: training stopped early: {log['stopped']}")
-    dtype = dtype or next(model.parameters()).dtype
-    outs = []
-    for r in ratios:
-        pr = threshold_mask(blocks, r, force_factorize)
+        pr = threshold_mask(stack.all_blocks, r, force_factorize)
         if pr.kept_zero:
             print(f"soco: WARNING: ratio {r}: {pr.kept_zero} zero-score components kept to stay within 0.5 pp")
-        dec = fold(blocks, pr.keep, dtype, force_factorize, [ref.name for ref in refs])
-        dec.damping.update(damping)
-        dec.log = {**log, "prune": dict(ratio=round(pr.ratio, 6), stored=pr.stored, threshold=pr.threshold,
-                                        pruned_nonzero=pr.pruned_nonzero, kept_zero=pr.kept_zero)}
-        outs.append((r, dec))
-    return outs
+        out.append(pr)
+    return out

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compress import soco
+from compress import calibrate, soco
 from compress.cli import main
 from compress.hf_loader import install_factors, load_soco_model
 from compress.data import calibration_windows, load_text, tokenize_stream
@@ -21,7 +21,7 @@ class Prepared:
     """The dense model in memory with its calibration windows and statistics."""
 
     def __init__(self, path, text):
-        self.model, tok, spec, self.refs = reference.load(path)
+        self.model, tok, self.spec, self.refs = reference.load(path)
         self.calib = calibration_windows(tokenize_stream(tok, load_text(str(text), "calibration")), 64, 4, seed=0)
         self.grams = reference.collect_grams(self.model, self.refs, self.calib)
 
@@ -74,9 +74,10 @@ def test_full_budget_without_regularisation_is_the_dense_model(prep64):
     # Training at full budget with every penalty off stays at the dense model, up to Adam's own
     # step size (its steps stay about lr long even where the gradient vanishes).
     windows = soco.training_windows(prep64.calib, 16)[:2]
-    teacher = soco.teacher_topk(prep64.model, windows, 32, progress=False)
+    stack = soco.Stack.resident(prep64.model, prep64.spec, blocks)
+    teacher = soco.teacher_topk(stack, windows, 32, progress=False)
     cfg = soco.SocoConfig(steps=3, kappa0=0.0, sparsity=0.0, stage3=0.0, seq_len=16, lr=0.01)
-    log = soco.train(prep64.model, blocks, windows, teacher, 0.3, cfg, progress=False)
+    log = soco.train(stack, windows, teacher, 0.3, cfg, progress=False)
     assert log["stopped"] is None and log["final"]["kl"] < 1e-4 and log["final"]["zero"] == 0
     assert all(float((b.scores.detach() - 1).abs().max()) <= 3 * cfg.lr for b in blocks)
     assert isinstance(prep64.model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # swapped back
@@ -208,7 +209,8 @@ def test_bad_input(tiny_llama, text_file, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
     blocks = _blocks(prep64)
     windows = soco.training_windows(prep64.calib, 16)[:4]
-    teacher = soco.teacher_topk(prep64.model, windows, 32, progress=False)
+    stack = soco.Stack.resident(prep64.model, prep64.spec, blocks)
+    teacher = soco.teacher_topk(stack, windows, 32, progress=False)
     seen = []
 
     def flaky_kl(logits, logp, idx):
@@ -217,7 +219,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
         return kl * float("nan") if len(seen) == 6 else kl
 
     cfg = soco.SocoConfig(steps=8, seq_len=16, lr=0.2)
-    log = soco.train(prep64.model, blocks, windows, teacher, 0.4, cfg, progress=False, kl_fn=flaky_kl)
+    log = soco.train(stack, windows, teacher, 0.4, cfg, progress=False, kl_fn=flaky_kl)
     assert log["steps_done"] == 5 and "non-finite distillation loss at step 5" in log["stopped"]
     for b, s in zip(blocks, seen[5]):  # the scores the failing step started from
         assert torch.equal(b.scores.detach(), s)
@@ -225,3 +227,66 @@ def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
     assert isinstance(prep64.model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # model restored
     pr = soco.threshold_mask(blocks, 0.4)  # the kept scores still give a valid checkpoint
     assert 0.4 <= pr.ratio <= 0.405
+
+
+@pytest.mark.parametrize("group_size,masked", [(1, False), (2, True)])
+def test_layered_gradient_is_the_whole_models(prep64, group_size, masked):
+    """The stack's group-by-group backward (each group recomputed from its saved input) gives the
+    scores exactly the gradient of the whole model's own autograd pass."""
+    blocks = _blocks(prep64, group_size)
+    _randomize(blocks, seed=5, zero=0.3)
+    if masked:  # stage 3: pruned components off, straight-through gradient
+        for b in blocks:
+            b.mask = (torch.arange(b.rank) % 3 != 0).to(b.scores.dtype)
+    windows = soco.training_windows(prep64.calib, 16)[:2]
+    stack = soco.Stack.resident(prep64.model, prep64.spec, blocks, group_size)
+    teacher = soco.teacher_topk(stack, windows, 32, progress=False)
+    with soco.installed(prep64.model, blocks) as scored:
+        logits = scored(input_ids=windows, use_cache=False).logits
+        want_kl = soco.topk_kl(logits, teacher.logp, teacher.idx)
+        want = torch.autograd.grad(want_kl, [b.scores for b in blocks])
+    kl = stack.kl_backward(windows, teacher.logp, teacher.idx, soco.topk_kl)
+    assert float(kl) == pytest.approx(float(want_kl.detach()), rel=1e-12)
+    for b, g in zip(blocks, want):
+        assert float(g.abs().max()) > 0
+        torch.testing.assert_close(b.scores.grad, g, rtol=1e-9, atol=1e-14)
+    assert all(p.grad is None for p in prep64.model.parameters())  # the dense weights get no gradient
+    for b in blocks:
+        b.mask = None
+
+
+def test_factor_files_onload_one_group_at_a_time(prep64, tmp_path):
+    """Blocks saved per group and onloaded from disk train exactly like resident ones, and at any
+    moment only the running group's factors are real tensors."""
+    blocks = _blocks(prep64, 2)
+    _randomize(blocks, seed=7, zero=0.3)
+    n = len(prep64.model.model.layers)
+    groups = [range(a, min(a + 2, n)) for a in range(0, n, 2)]
+    paths, disk = [tmp_path / f"g{g}.safetensors" for g in range(len(groups))], []
+    for g, p in zip(groups, paths):
+        soco.save_blocks(p, [b for b in blocks if b.refs[0].layer in g], {"site": 0.5})
+        mine, damping = soco.load_blocks(p, prep64.refs, torch.device("cpu"))
+        assert damping == {"site": 0.5} and all(b.v.is_meta for b in mine)
+        disk.append(mine)
+    with torch.no_grad():
+        for a, b in zip([b for g in disk for b in g], blocks):
+            a.scores.copy_(b.scores)
+    stack = soco.Stack(calibrate.Resident(prep64.model, prep64.spec), prep64.model, prep64.spec, groups, disk,
+                       torch.device("cpu"), soco.FactorFiles(paths, disk, torch.device("cpu")))
+    windows = soco.training_windows(prep64.calib, 16)[:2]
+    teacher = soco.teacher_topk(soco.Stack.resident(prep64.model, prep64.spec, blocks), windows, 32, progress=False)
+    live = []  # per decoder-layer call: how many blocks hold real factors
+    hooks = [layer.register_forward_pre_hook(lambda *_: live.append(
+        sum(not b.v.is_meta for g in disk for b in g))) for layer in prep64.model.model.layers]
+    try:
+        kl = stack.kl_backward(windows, teacher.logp, teacher.idx, soco.topk_kl)
+    finally:
+        for h in hooks:
+            h.remove()
+    want = [len(disk[i // 2]) for i in range(n)]  # the running group's blocks, no more
+    assert live == [0, *want, *[w for g in reversed(range(len(groups))) for w in want[2 * g: 2 * g + 2]]]
+    assert all(b.v.is_meta for g in disk for b in g)  # offloaded again
+    resident = soco.Stack.resident(prep64.model, prep64.spec, blocks, 2)
+    assert float(resident.kl_backward(windows, teacher.logp, teacher.idx, soco.topk_kl)) == float(kl)
+    for a, b in zip([b for g in disk for b in g], blocks):
+        torch.testing.assert_close(a.scores.grad, b.scores.grad, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from soco_serve.layout import CheckpointReader
 from tests.compress import reference
 
 COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress", "--recover-steps", "0"]
+SOCO = ["--soco-steps", "8", "--soco-seq-len", "32"]
 
 
 def _compress(src, out, *args, text):
@@ -73,10 +74,16 @@ def test_streamed_perplexities_equal_the_whole_models(tiny_llama, text_file, tmp
 def test_statistics_memory_is_one_group(tiny_llama, text_file, tmp_path):
     # hidden 256, intermediate 512: sites attn_in, attn_out, mlp_in (256) and mlp_out (512), float64
     per_layer = 8 * (3 * (256 * 256 + 256) + 512 * 512 + 512)
-    for method, layers in (("svd-llm", 1), ("basis-sharing", 2)):
-        out = _compress(tiny_llama, tmp_path / method, "--method", method, "--ratio", "0.4", text=text_file)
+    shared = 8 * 2 * (256 * 256 + 256)  # basis-sharing's shared sites (attn_in, mlp_in) of one layer
+    for name, peak, args in (("svd-llm", per_layer, []),
+                             # the first layer's private sites are freed before the second's arrive
+                             ("basis-sharing", shared + per_layer, []),
+                             ("soco", per_layer, SOCO),
+                             ("soco", 2 * per_layer, [*SOCO, "--group-size", "2"])):
+        out = _compress(tiny_llama, tmp_path / f"{name}{peak}", "--method", name, "--ratio", "0.4", *args,
+                        text=text_file)
         report = json.loads((out / "report.json").read_text())
-        assert report["memory"]["peak_stat_bytes"] == layers * per_layer  # not 4 layers' worth
+        assert report["memory"]["peak_stat_bytes"] == peak  # not 4 layers' worth
         assert all(g["stat_bytes"] == 0 for g in report["memory"]["per_group"])  # freed after each group
 
 
@@ -125,6 +132,7 @@ RECOVER = ["--recover-steps", "6", "--calib-windows", "8", "--batch-size", "2"]
 @pytest.mark.parametrize("method,args,stage", [
     *[(m, [], s) for m in ("basis-sharing", "fwsvd") for s in STAGES],
     *[(m, RECOVER, s) for m in ("svd-llm", "basis-sharing") for s in ("recover", "after-group")],
+    *[("soco", [*SOCO, "--group-size", "2"], s) for s in ("spectra", "train", "decompose", "after-group")],
 ])
 def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch,
                                                                   method, args, stage):
@@ -138,6 +146,10 @@ def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, te
                 _kill_at(m, pipeline.calibrate.torch.autograd, "grad", 3)
         elif stage == "decompose":
             _kill_at(m, methods.get(method), "decompose", 1)
+        elif stage == "spectra":  # soco's whole-model stage, in the second group's spectra
+            _kill_at(m, methods.soco, "build_blocks", 1)
+        elif stage == "train":  # half-way through soco's training
+            _kill_at(m, methods.soco.Stack, "kl_backward", 5)
         elif stage == "recover":  # half-way through the second group's training
             _kill_at(m, pipeline.recover, "relative_error", 14)
         elif stage == "after-group":
