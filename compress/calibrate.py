@@ -172,13 +172,21 @@ def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     return [forward_layer(layer, li) for li in inputs]
 
 
-def layer_statistics(layer: nn.Module, refs: list[LinearRef], grams: "GramSet | None",
-                     inputs: list[LayerInput]) -> list[LayerInput]:
+@torch.no_grad()
+def layer_statistics(layer: nn.Module, refs: list[LinearRef], grams: "GramSet | None", inputs: list[LayerInput],
+                     keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[LayerInput]:
     """Run one decoder layer on every batch, adding its linears' input statistics (``refs``, the
-    layer's own) into ``grams`` (None: just run it); returns the next layer's inputs."""
+    layer's own) into ``grams`` (None: just run it); returns the next layer's inputs. Batches move
+    to the layer's device one at a time, and ``keep`` stores each output before the next batch
+    runs (where the stream keeps its activations)."""
     handles = attach_gram_hooks(refs, grams) if grams is not None else []
+    device = device_of(layer)
     try:
-        return run_layer(layer, inputs)
+        out = []
+        for li in inputs:
+            h = forward_layer(layer, LayerInput(li.hidden.to(device), li.kwargs)).hidden
+            out.append(LayerInput(keep(h) if keep else h, li.kwargs))
+        return out
     finally:
         for h in handles:
             h.remove()

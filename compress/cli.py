@@ -141,8 +141,10 @@ def compress_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--max-shard-size", type=_size, default="2GiB", help="largest safetensors shard")
     o.add_argument("--device", default="cpu", help="torch device for calibration and decomposition (cpu, cuda, cuda:N)")
-    o.add_argument("--activations", choices=("device", "cpu"), default="device",
-                   help="where the calibration activations wait between layers (cpu: saves GPU memory)")
+    o.add_argument("--activations", choices=("device", "cpu", "disk"), default="device",
+                   help="where the calibration and evaluation activations wait between layers (cpu: saves GPU "
+                        "memory; disk: memory-mapped files beside the output, for calibration sets larger than "
+                        "memory)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -46,7 +46,7 @@ class CompressConfig:
     restart: bool = False  # discard an unfinished run of other settings instead of refusing
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     device: str = "cpu"
-    activations: str = "device"  # where the calibration activations live between layers: device | cpu
+    activations: str = "device"  # where the activations wait between layers: device | cpu | disk
     progress: bool = True
     soco: soco.SocoConfig = field(default_factory=soco.SocoConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -56,8 +56,8 @@ class CompressConfig:
         m = methods.get(self.method)
         if self.coefficient_update not in ("auto", "on", "off"):
             raise ValueError(f"--coefficient-update must be auto, on or off, got {self.coefficient_update!r}")
-        if self.activations not in ("device", "cpu"):
-            raise ValueError(f"--activations must be device or cpu, got {self.activations!r}")
+        if self.activations not in ("device", "cpu", "disk"):
+            raise ValueError(f"--activations must be device, cpu or disk, got {self.activations!r}")
         if self.ratios:
             self.ratios = tuple(float(r) for r in self.ratios)
             if len(self.ratios) > 1 and not m.several_ratios:

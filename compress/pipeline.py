@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,40 +128,69 @@ class Onloader(calibrate.LayerSource):
 # ---------------------------------------------------------------------------------------------
 
 
+class Spill:
+    """``--activations disk``: every hidden state is written to a file, memory-mapped back and the
+    file unlinked at once. The tensor then lives in the page cache, backed by the (nameless) file:
+    the kernel evicts and rereads it as memory requires, the disk holds only live tensors, and
+    nothing is left behind when the process dies."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.count = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f"{self.count:08d}.pt"
+        self.count += 1
+        torch.save(t.detach().to("cpu").contiguous(), path)
+        try:
+            return torch.load(path, mmap=True, weights_only=True)
+        finally:
+            path.unlink()
+
+
 @dataclass
 class Stream:
     """One list of batches at the current layer boundary, the token ids they came from, and where
-    the hidden states are kept between layers (``--activations``)."""
+    the hidden states are kept between layers (``--activations``: ``store``, or spilled)."""
 
     ids: torch.Tensor
     batches: list[LayerInput]
     store: torch.device
+    spill: Spill | None = None
+
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.spill.keep(hidden) if self.spill else hidden.to(self.store)
 
     def on(self, device: torch.device) -> list[LayerInput]:
         return [LayerInput(b.hidden.to(device), b.kwargs) for b in self.batches]
 
     def put(self, batches: list[LayerInput]) -> None:
-        self.batches = [LayerInput(b.hidden.to(self.store), b.kwargs) for b in batches]
+        self.batches = [LayerInput(self.keep(b.hidden), b.kwargs) for b in batches]
 
-    def run(self, layer: torch.nn.Module) -> None:
-        self.put(calibrate.run_layer(layer, self.on(calibrate.device_of(layer))))
+    def run(self, layer: torch.nn.Module, refs: list[models.LinearRef] | None = None,
+            grams: calibrate.GramSet | None = None) -> None:
+        """Advance every batch through ``layer``, adding ``refs``' input statistics into ``grams``
+        (when given); one batch at a time, each output stored before the next batch runs."""
+        self.batches = calibrate.layer_statistics(layer, refs or [], grams, self.batches, keep=self.keep)
 
     def fork(self) -> "Stream":
         """Another stream from the same point (batches are replaced, never changed in place, so the
         two share tensors until they part)."""
-        return Stream(self.ids, list(self.batches), self.store)
+        return Stream(self.ids, list(self.batches), self.store, self.spill)
 
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {f"{name}.{i}": b.hidden for i, b in enumerate(self.batches)}
 
-    def restore(self, name: str, state: dict[str, torch.Tensor], device: torch.device) -> None:
-        self.batches = [LayerInput(state[f"{name}.{i}"].to(device), b.kwargs) for i, b in enumerate(self.batches)]
+    def restore(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        self.batches = [LayerInput(self.keep(state[f"{name}.{i}"]), b.kwargs) for i, b in enumerate(self.batches)]
 
 
-def capture(src: Source, spec: models.ArchSpec, windows: torch.Tensor, batch_size: int, store: torch.device) -> Stream:
+def capture(src: Source, spec: models.ArchSpec, windows: torch.Tensor, batch_size: int, store: torch.device,
+            spill: Spill | None) -> Stream:
     """The first decoder layer's inputs for ``windows`` (the outer modules must be onloaded)."""
     batches = calibrate.layer_inputs(src.model, spec, windows, batch_size)
-    stream = Stream(windows, [], store)
+    stream = Stream(windows, [], store, spill)
     stream.put(batches)
     return stream
 
@@ -210,6 +240,11 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         raise FileExistsError(f"{cfg.output}: output folder exists; pass --force to replace it")
     device = torch.device(cfg.device)
     store = device if cfg.activations == "device" else torch.device("cpu")
+    spill = None
+    if cfg.activations == "disk":
+        spill_dir = cfg.output.parent / f".{cfg.output.name}.soco-activations"
+        shutil.rmtree(spill_dir, ignore_errors=True)  # a killed run's (its files are already unlinked)
+        spill = Spill(spill_dir)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with timer.stage("load"):
@@ -228,12 +263,12 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         on_compressed = method.refits(cfg) or cfg.recover.steps > 0  # stages that read the compressed activations
         if method.needs_grams or method.whole_model_stage or on_compressed:
             calib = calibration_windows(cfg, src.tokenizer)
-            streams["calib"] = capture(src, spec, calib, cfg.batch_size, store)
+            streams["calib"] = capture(src, spec, calib, cfg.batch_size, store, spill)
             if on_compressed:
                 streams["compressed"] = streams["calib"].fork()
         if cfg.evaluate:
             windows = data.text_eval_windows(src.tokenizer, cfg.eval_text, cfg.seq_len, cfg.eval_windows)
-            streams["eval"] = capture(src, spec, windows, evaluate.BATCH_SIZE, store)
+            streams["eval"] = capture(src, spec, windows, evaluate.BATCH_SIZE, store, spill)
             for k in range(n_ratios):
                 streams[f"eval-{k}"] = streams["eval"].fork()
     with timer.stage("hash"):
@@ -250,7 +285,7 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     if done:
         state = work.load_state(done - 1)
         for name, s in streams.items():
-            s.restore(name, state, store)
+            s.restore(name, state)
 
     group_seconds: list[float] = []
     bar = tqdm(total=len(groups), initial=done, desc=f"compress ({cfg.method})", unit="group",
@@ -276,6 +311,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
                                             "groups": [list(r) for r in groups], "resumed_at_group": done,
                                             "memory": memory, "device": device})
     work.remove()
+    if spill is not None:
+        shutil.rmtree(spill.folder, ignore_errors=True)
     return reports[str(cfg.output)] if n_ratios == 1 else {"checkpoints": reports}
 
 
@@ -291,9 +328,7 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
         for i, layer in zip(layers, mods):
             with timer.stage("statistics"):
                 if "calib" in streams:
-                    s = streams["calib"]
-                    s.put(calibrate.layer_statistics(layer, [r for r in refs if r.layer == i] if grams else [], grams,
-                                                     s.on(onload.device)))
+                    streams["calib"].run(layer, [r for r in refs if r.layer == i], grams)
                 if "eval" in streams:
                     streams["eval"].run(layer)
                 if grams is not None:

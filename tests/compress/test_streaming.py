@@ -287,6 +287,32 @@ def test_a_missing_or_corrupt_shard_is_named(sharded_llama, text_file, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args", [RECOVER, ["--coefficient-update", "on"]])
+def test_activations_on_disk_give_the_same_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch, args):
+    args = ["svd-llm" if args is RECOVER else "basis-sharing", "--ratio", "0.4", *args]
+    in_memory = _compress(tiny_llama, tmp_path / "cpu", "--method", *args, "--activations", "cpu", text=text_file)
+    kept = []
+    real = pipeline.Spill.keep
+
+    def keep(self, t):
+        out = real(self, t)
+        kept.append(out)
+        assert not any(self.folder.iterdir())  # unlinked at once: the mapping is all that holds it
+        return out
+
+    monkeypatch.setattr(pipeline.Spill, "keep", keep)
+    on_disk = _compress(tiny_llama, tmp_path / "disk", "--method", *args, "--activations", "disk", text=text_file)
+    assert _files(on_disk) == _files(in_memory)
+    ppl = [json.loads((d / "report.json").read_text())["ppl_compressed"] for d in (on_disk, in_memory)]
+    assert ppl[0] == ppl[1]
+    # Every hidden state a stream keeps: at capture, calib and eval; after each layer, calib, eval and
+    # eval-0 (dense and compressed evaluation); after each group, the compressed stream (recovered
+    # or refit). Calibration: 8 windows in 4 batches (recovery) or 4 in 1; evaluation: 1 batch.
+    calib, groups = (4, 4) if args[0] == "svd-llm" else (1, 2)
+    assert len(kept) == (calib + 1) + 4 * (calib + 2) + groups * calib
+    assert not (tmp_path / ".disk.soco-activations").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_cuda_device_writes_the_cpu_checkpoint(tiny_llama_f64, text_file, tmp_path):
