@@ -18,7 +18,7 @@ holds it, once). ``v_cat`` is therefore held in *shrink parts* (:func:`plan_shri
 run of consecutive shared segments is one tensor of the basis group, each run of the layer's own
 (private or dense) segments one tensor of the layer. A layer with one part registers it as
 ``lowrank_v``; with several (say a shared q basis beside dense k and v) as ``lowrank_v0``,
-``lowrank_v1``, ... The kernels take the parts as they are (:data:`kernels.lowrank.ShrinkFactors`).
+``lowrank_v1``, ... The kernels take the parts as they are (:data:`kernels.segments.ShrinkFactors`).
 All shrink rows (bases, private V, dense weight rows) are loaded by the soco loader through
 :meth:`SocoLowRankLinearMethod.load_segment_v`, never through the model's ``load_weights``.
 
@@ -30,11 +30,11 @@ Tensor parallelism mirrors vLLM's dense sharding:
   all-reduced, then every rank applies the whole ``U``. The method therefore turns the layer's
   own output all-reduce off (``reduce_results``) and adds the bias on every rank.
 
-After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
-for decode batches, chosen per call inside a custom op, so that vLLM's one compiled graph keeps
-that choice for every batch size); float32 CPU layers pack theirs into the panels of the fused CPU kernel
-(:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared part is packed
-once for its group), as vLLM's dense CPU layers prepack theirs for oneDNN.
+After loading, the method picks one kernel object for the layer (:mod:`kernels.backends`: the
+fused CPU kernel for float32 on a CPU, the Triton/torch custom ops on CUDA, the torch path
+elsewhere), which packs the factors once into the layout it reads, as vLLM's dense CPU layers
+prepack theirs for oneDNN; a shared part is packed once for its group. ``apply`` is one call on
+that object.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     LinearBase,
@@ -56,8 +57,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from kernels import cpu_lowrank, lowrank_expand, lowrank_forward, lowrank_shrink, pack_expand
-from kernels.lowrank import U_ROW_ALIGN
+from kernels.backends import LowRankKernel, choose_kernel
 from soco_serve.layout import CheckpointError, LinearEntry, Manifest, basis_name, u_name, v_name, weight_name
 
 logger = init_logger("vllm.soco_serve.linear")
@@ -125,9 +125,6 @@ class SocoLinearConfig(QuantizationConfig):
         self.shrink_params: list[Parameter] = []
         # checkpoint tensor -> the (layer, segment index) pairs it loads into, one per distinct Parameter
         self.shrink_targets: dict[str, list[tuple[LinearBase, int]]] = {}
-        # id of a loaded shrink Parameter -> (that Parameter, kept so the id stays its own; its
-        # panels for the CPU kernel): a shared part is packed once
-        self.cpu_shrink: dict[int, tuple[Parameter, Parameter]] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -288,8 +285,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
 
     # -- after loading, and the forward -----------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Pack the expand factors into one buffer (CUDA: padded for the Triton kernels), or on a
-        CPU pack every factor into the fused CPU kernel's panels (see :mod:`kernels.cpu_lowrank`)."""
+        """Pick the layer's kernel (:func:`kernels.backends.choose_kernel`) and let it pack the factors once."""
         us: list[torch.Tensor | None] = []
         offset = 0
         for s, part, r in zip(self.segments, layer.soco_out_parts, layer.soco_ranks):
@@ -298,49 +294,23 @@ class SocoLowRankLinearMethod(LinearMethodBase):
             else:
                 us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
                 offset += part * r
-        layer.soco_cpu = None  # CPU kernel: (rows of each shrink part, out_features)
-        first_v = getattr(layer, layer.soco_v_names[0])
-        if first_v.device.type == "cpu" and first_v.dtype == torch.float32 and cpu_lowrank.available():
-            # The panels replace the loaded factors: the layer holds one copy of each, and a shared
-            # part is packed once, into one Parameter, for its whole group.
-            for name in layer.soco_v_names:
-                v = getattr(layer, name)
-                cached = self.config.cpu_shrink.get(id(v))
-                if cached is None:
-                    panels = Parameter(cpu_lowrank.pack_panels(v.data), requires_grad=False)
-                    cached = self.config.cpu_shrink[id(v)] = (v, panels)
-                    v.data = v.data.new_empty(0)
-                setattr(layer, name, cached[1])
-            cpu = cpu_lowrank.CpuLowRank.build([getattr(layer, n).data for n in layer.soco_v_names],
-                                               layer.soco_in_part, us, list(layer.soco_ranks))
-            layer.lowrank_u = Parameter(cpu.u, requires_grad=False)
-            layer.register_buffer("soco_meta", cpu.meta, persistent=False)
-            layer.soco_cpu = (cpu.v_ranks, cpu.out_features)
-            logger.info_once("soco: low-rank layers run the fused CPU kernel (%s)",
-                             torch.backends.cpu.get_cpu_capability())
-            layer.soco_expand = None
-            return
-        # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
-        packed = pack_expand(us, layer.soco_ranks, U_ROW_ALIGN if layer.lowrank_u.is_cuda else 1)
-        # The packed buffer replaces the loaded one: the layer holds one copy of U.
-        layer.lowrank_u = Parameter(packed.u_flat, requires_grad=False)
-        layer.soco_expand = packed
+        kernel = choose_kernel(getattr(layer, layer.soco_v_names[0]))(layer.soco_v_names)
+        kernel.pack(layer, layer.soco_in_part, us, list(layer.soco_ranks))
+        logger.info_once("soco: low-rank layers run the %s", kernel.description)
+        self.kernel = RowParallelReduce(kernel) if layer.soco_reduce else kernel
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        cpu = layer.soco_cpu
-        v = tuple(getattr(layer, name) for name in layer.soco_v_names)
-        if not layer.soco_reduce:
-            if cpu is not None:
-                return cpu_lowrank.forward(x, v, layer.lowrank_u, layer.soco_meta, bias, *cpu)
-            return lowrank_forward(x, v, layer.soco_expand, bias)
-        # Row-parallel under TP: reduce the rank-sized partial products, then expand on every
-        # rank; the bias (which vLLM passes on rank 0 only) is added everywhere.
-        from vllm.distributed import tensor_model_parallel_all_reduce
+        return self.kernel.apply(layer, x, bias)
 
-        if cpu is not None:
-            v_ranks, out_features = cpu
-            h = tensor_model_parallel_all_reduce(cpu_lowrank.shrink(x, v, v_ranks))
-            y = cpu_lowrank.expand(h, layer.lowrank_u, layer.soco_meta, layer.bias, out_features)
-            return y.view(*x.shape[:-1], out_features)
-        h = tensor_model_parallel_all_reduce(lowrank_shrink(x, v))
-        return lowrank_expand(h, layer.soco_expand, layer.bias)
+
+class RowParallelReduce:
+    """A row-parallel layer under tensor parallelism: the rank-sized partial products are
+    all-reduced (far fewer bytes than the outputs), then every rank expands the whole ``h``."""
+
+    def __init__(self, kernel: LowRankKernel):
+        self.kernel = kernel
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # The bias (which vLLM passes on rank 0 only) is added everywhere.
+        h = tensor_model_parallel_all_reduce(self.kernel.shrink(layer, x))
+        return self.kernel.expand(layer, h, layer.bias)
