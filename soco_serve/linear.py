@@ -332,6 +332,10 @@ class RowParallelReduce:
         self.kernel = kernel
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # The bias (which vLLM passes on rank 0 only) is added everywhere.
+        # vLLM gives the bias to rank 0 only, because it sums the ranks' outputs. Here every rank
+        # holds the whole output (the sum happened on h), so every rank adds what rank 0 is
+        # given: the layer's bias, unless the layer returns it to its caller (skip_bias_add).
+        if layer.tp_rank > 0 and not layer.skip_bias_add:
+            bias = layer.bias
         h = tensor_model_parallel_all_reduce(self.kernel.shrink(layer, x))
-        return self.kernel.expand(layer, h, layer.bias)
+        return self.kernel.expand(layer, h, bias)
