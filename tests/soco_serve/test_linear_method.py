@@ -192,3 +192,64 @@ def test_skip_bias_add_returns_the_bias_unadded(size, dtype):
         assert relative_error(y, ref - ckpt.bias) < TOL[dtype]
         assert relative_error(y + b, ref) < TOL[dtype]
 
+
+
+def qkv(kv_heads: int, dtype: torch.dtype, bias: bool):
+    return lambda config: vllm_linear.QKVParallelLinear(
+        IN, 4, 4, kv_heads, bias=bias, params_dtype=dtype, quant_config=config, prefix=f"{ATTN}.qkv_proj")
+
+
+def gate_up(dtype: torch.dtype, bias: bool):
+    return lambda config: vllm_linear.MergedColumnParallelLinear(
+        IN, [24, 24], bias=bias, params_dtype=dtype, quant_config=config, prefix=f"{MLP}.gate_up_proj")
+
+
+# name -> (parent, leaves (name, out, kind), layer factory(dtype, bias)); column-parallel unless row_parallel.
+LAYERS = {
+    "qkv_shared_dense_private": (ATTN, [("q_proj", 16, "shared:5"), ("k_proj", 8, "dense"), ("v_proj", 8, "lowrank:3")],
+                                 lambda d, b: qkv(2, d, b)),
+    "qkv_replicated_kv_heads": (ATTN, [("q_proj", 16, "lowrank:5"), ("k_proj", 4, "shared:2"), ("v_proj", 4, "dense")],
+                                lambda d, b: qkv(1, d, b)),
+    "gate_up_shared_private": (MLP, [("gate_proj", 24, "shared:7"), ("up_proj", 24, "lowrank:5")], gate_up),
+    "o_private": (ATTN, [("o_proj", 12, "lowrank:6")], lambda d, b: row_parallel(ATTN, "o_proj", 12, d, b)),
+    "down_shared": (MLP, [("down_proj", 12, "shared:4")], lambda d, b: row_parallel(MLP, "down_proj", 12, d, b)),
+}
+
+
+def combine_columns(layers: list[vllm_linear.LinearBase], ys: list[torch.Tensor]) -> torch.Tensor:
+    """The full output from the ranks' column blocks: each segment's blocks side by side, a
+    replicated block (k/v heads fewer than ranks) once."""
+    blocks = [y.split(layers[0].output_partition_sizes, dim=-1) for y in ys]
+    replicas = getattr(layers[0], "num_kv_head_replicas", 1)
+    full = []
+    for j in range(len(blocks[0])):
+        ranks = range(0, len(ys), replicas) if j > 0 else range(len(ys))
+        for r in range(len(ys)):
+            if r not in ranks:
+                torch.testing.assert_close(blocks[r][j], blocks[r - r % replicas][j], rtol=0, atol=0)
+        full.extend(blocks[r][j] for r in ranks)
+    return torch.cat(full, dim=-1)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_two_ranks_combine_to_the_unsharded_layer(name, dtype, bias):
+    """Each rank loads its shard (vLLM's slicing of U rows, dense rows, V columns) and runs its
+    kernel; concatenated (column-parallel) or all-reduced (row-parallel), the ranks give the
+    unsharded layer. float64 runs the torch path, float32 on a CPU the fused CPU kernel."""
+    parent, leaves, factory = LAYERS[name]
+    ckpt = checkpoint(parent, leaves, bias)
+    make = factory(dtype, bias)
+    x = torch.randn(5, IN, dtype=dtype)
+    ref = reference(ckpt, x)
+    (y1, _), = run_ranks([build(ckpt, make, 0, 1, dtype)], [x])
+    assert relative_error(y1, ref) < TOL[dtype]
+    layers = [build(ckpt, make, r, 2, dtype) for r in range(2)]
+    row = isinstance(layers[0], vllm_linear.RowParallelLinear)
+    outs = [y for y, _ in run_ranks(layers, list(x.chunk(2, dim=-1)) if row else [x, x])]
+    if row:  # the method all-reduces h, and every rank holds the whole output
+        for y in outs:
+            assert relative_error(y, ref) < TOL[dtype]
+    else:
+        assert relative_error(combine_columns(layers, outs), ref) < TOL[dtype]
