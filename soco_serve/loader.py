@@ -29,7 +29,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 
-from soco_serve.layout import CheckpointError, CheckpointReader
+from soco_serve.layout import BASIS_PREFIX, CheckpointError, CheckpointReader
 from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
 
 logger = init_logger("vllm.soco_serve.loader")
@@ -121,7 +121,8 @@ class SocoModelLoader(BaseModelLoader):
             for name in reader.names():
                 targets = shrink.targets.get(name)
                 if targets is None:
-                    yield name, reader.get(name)
+                    if not name.startswith(BASIS_PREFIX):  # else: the basis of layers on another pipeline stage
+                        yield name, reader.get(name)
                     continue
                 t = reader.get(name)
                 for layer, j in targets:
