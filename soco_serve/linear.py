@@ -32,8 +32,8 @@ Tensor parallelism mirrors vLLM's dense sharding:
   identity segment's weight rows split likewise);
 * row-parallel (o, down): ``V``'s input columns split; the rank-sized partial products are
   all-reduced, then every rank applies the whole ``U``. The method therefore turns the layer's
-  own output all-reduce off (``reduce_results``) and adds the bias on every rank
-  (:class:`RowParallelReduce`).
+  own output all-reduce off (``reduce_results``), and every rank adds the bias vLLM gives rank 0
+  (none for a layer built with ``skip_bias_add``, whose caller adds it; :class:`RowParallelReduce`).
 
 After loading, the method picks one kernel object for the layer (:mod:`kernels.backends`: the
 fused CPU kernel for float32 on a CPU, the Triton/torch custom ops on CUDA, the torch path
