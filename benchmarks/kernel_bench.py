@@ -23,7 +23,7 @@ the method must move (weights + x + y, each read/written once) / time, its share
 speedup over dense, and the ideal speedup = dense bytes / low-rank bytes (what a purely
 memory-bound kernel would reach).
 
-Use the results to set kernels.lowrank.TRITON_MAX_TOKENS (where `torch` overtakes the best
+Use the results to set kernels.ops.TRITON_MAX_TOKENS (where `torch` overtakes the best
 Triton column) and kernels.triton_lowrank.FUSED_REREAD_BUDGET_BYTES (where `triton_two_phase`
 overtakes `triton_fused`); both were chosen without a GPU.
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .lowrank import PackedExpand, pack_expand
+from .segments import PackedExpand, pack_expand
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 

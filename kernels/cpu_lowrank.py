@@ -11,7 +11,7 @@ register-blocked GEMM on the same packed factors.
 
 Factors are packed once, at load time, into panels of :data:`PANEL` outputs (see the C++ file):
 one copy, no padding, the same bytes as the checkpoint. :class:`CpuLowRank` holds one layer. Its
-shrink factor may come in row blocks (*parts*, as :data:`kernels.lowrank.ShrinkFactors`), each
+shrink factor may come in row blocks (*parts*, as :data:`kernels.segments.ShrinkFactors`), each
 packed on its own, so that a basis shared by several layers is packed, and held, once.
 
 The kernel is compiled for this machine (``-march=native``) on first use with
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .lowrank import Segment, plan_segments
+from .segments import SegmentTable, plan_segments
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "lowrank_cpu.cpp"
 EXTENSION_NAME = "soco_lowrank_cpu"
 NAMESPACE = "soco_cpu"  # torch.ops.soco_cpu.{lowrank, shrink, expand}
 PANEL = 32  # outputs per panel: must equal PANEL in csrc/lowrank_cpu.cpp
-# Rows of CpuLowRank.meta, the segment table the kernel reads (int32 [6, segments]).
-CPU_META_FIELDS = ("rank_offset", "rank", "out_offset", "out_size", "u_offset", "identity")
 
 
 @functools.cache
@@ -92,14 +90,14 @@ class CpuLowRank:
 
     ``v`` packs ``v_cat [rank_total, in]`` as row blocks of ``v_ranks`` rows each (a shared basis:
     one tensor for its whole group), ``u`` every non-identity segment's ``U_j [out_j, r_j]`` one
-    after another, ``meta`` the segment table (:data:`CPU_META_FIELDS`).
+    after another (panels, no row padding), ``meta`` the tensor form of ``segments``.
     """
 
     v: tuple[torch.Tensor, ...]
     v_ranks: tuple[int, ...]
     u: torch.Tensor
     meta: torch.Tensor
-    segments: tuple[Segment, ...]
+    segments: SegmentTable
     in_features: int
     out_features: int
 
@@ -115,24 +113,18 @@ class CpuLowRank:
         :func:`kernels.pack_expand` takes them)."""
         segments = plan_segments(us, ranks)
         v_parts = (v,) if isinstance(v, torch.Tensor) else tuple(v)
-        rank_total = sum(s.rank for s in segments)
+        rank_total = segments.total_rank
         if not v_parts or any(p.numel() % in_features for p in v_parts) \
                 or sum(p.numel() for p in v_parts) != rank_total * in_features:
             raise ValueError(f"CpuLowRank: v holds {[p.numel() for p in v_parts]} floats, segment ranks sum to "
                              f"{rank_total}: need rows x {in_features} inputs, {rank_total} rows in all")
-        u_parts, rows, offset = [], [], 0
-        for seg, u in zip(segments, us):
-            rows.append((seg.rank_offset, seg.rank, seg.out_offset, seg.out_size, -1 if u is None else offset,
-                         int(u is None)))
-            if u is not None:
-                u_parts.append(pack_panels(u))
-                offset += u.numel()
-        if offset > 2**31 - 1:
-            raise ValueError("CpuLowRank: layer too large for the kernel's int32 offsets")
+        # Unpadded rows (alignment 1): each segment's panels start where its U_j would, u_offset
+        # counts floats of the concatenated panels.
+        u_parts = [pack_panels(u) for u in us if u is not None]
         u_flat = torch.cat(u_parts) if u_parts else torch.empty(0)
-        meta = torch.tensor(list(zip(*rows)), dtype=torch.int32)
+        meta = segments.tensor()
         v_ranks = tuple(p.numel() // in_features for p in v_parts)
-        return cls(v_parts, v_ranks, u_flat, meta, segments, in_features, sum(s.out_size for s in segments))
+        return cls(v_parts, v_ranks, u_flat, meta, segments, in_features, segments.total_out)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return forward(x, self.v, self.u, self.meta, bias, self.v_ranks, self.out_features)

@@ -48,16 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import (
-    META_FIELDS,
-    U_ROW_ALIGN,
-    PackedExpand,
-    ShrinkFactors,
-    check_gated,
-    check_inputs,
-    shrink_2d,
-    shrink_parts,
-)
+from .segments import META_FIELDS, U_ROW_ALIGN, PackedExpand, ShrinkFactors, check_inputs, shrink_parts
+from .torch_lowrank import shrink_2d
 
 Mode = Literal["auto", "fused", "two_phase"]
 
@@ -166,7 +158,7 @@ def lowrank_silu_mul_triton(
     Arguments as for :func:`lowrank_forward_triton`.
     """
     _check_2d(x2d, v_cat, packed, bias)
-    check_gated(packed)
+    packed.segments.check_gated()
     return launch(x2d, v_cat, packed, bias, gated=True, mode=mode, config=config, out=out)
 
 
@@ -187,7 +179,7 @@ def launch(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole layer on inputs the caller has already validated (:func:`kernels.lowrank.lowrank_forward` does)."""
+    """The whole layer on inputs the caller has already validated (:func:`kernels.ops.lowrank_forward` does)."""
     if mode not in ("auto", "fused", "two_phase"):
         raise ValueError(f"mode must be 'auto', 'fused' or 'two_phase', got {mode!r}")
     parts = shrink_parts(v_cat)
@@ -213,7 +205,7 @@ def launch_expand(
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The expand alone, from a given ``h [tokens, R]`` (validated by :func:`kernels.lowrank.lowrank_expand`)."""
+    """The expand alone, from a given ``h [tokens, R]`` (validated by :func:`kernels.ops.lowrank_expand`)."""
     h2d = h2d if h2d.stride(-1) == 1 else h2d.contiguous()
     cfg = config or default_config(h2d.shape[0], "two_phase")
     return _run(h2d, None, packed, bias, fused=False, gated=gated, config=cfg, out=out)

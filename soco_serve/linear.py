@@ -18,9 +18,13 @@ holds it, once). ``v_cat`` is therefore held in *shrink parts* (:func:`plan_shri
 run of consecutive shared segments is one tensor of the basis group, each run of the layer's own
 (private or dense) segments one tensor of the layer. A layer with one part registers it as
 ``lowrank_v``; with several (say a shared q basis beside dense k and v) as ``lowrank_v0``,
-``lowrank_v1``, ... The kernels take the parts as they are (:data:`kernels.lowrank.ShrinkFactors`).
-All shrink rows (bases, private V, dense weight rows) are loaded by the soco loader through
+``lowrank_v1``, ... The kernels take the parts as they are (:data:`kernels.segments.ShrinkFactors`).
+The shrink Parameters are made by the soco loader once the model is built
+(:class:`soco_serve.loader.ShrinkRegistry`: it alone knows which layers share a basis), and all
+shrink rows (bases, private V, dense weight rows) are loaded by it through
 :meth:`SocoLowRankLinearMethod.load_segment_v`, never through the model's ``load_weights``.
+Everything a layer keeps beyond vLLM's own attributes is one :class:`SocoLayerState`, at
+``layer.soco``.
 
 Tensor parallelism mirrors vLLM's dense sharding:
 
@@ -28,23 +32,26 @@ Tensor parallelism mirrors vLLM's dense sharding:
   identity segment's weight rows split likewise);
 * row-parallel (o, down): ``V``'s input columns split; the rank-sized partial products are
   all-reduced, then every rank applies the whole ``U``. The method therefore turns the layer's
-  own output all-reduce off (``reduce_results``) and adds the bias on every rank.
+  own output all-reduce off (``reduce_results``), and every rank adds the bias vLLM gives rank 0
+  (none for a layer built with ``skip_bias_add``, whose caller adds it; :class:`RowParallelReduce`).
 
-After loading, CUDA layers pack their expand factors for :func:`kernels.lowrank_forward` (Triton
-for decode batches, chosen per call inside a custom op, so that vLLM's one compiled graph keeps
-that choice for every batch size); float32 CPU layers pack theirs into the panels of the fused CPU kernel
-(:mod:`kernels.cpu_lowrank`: one call per layer, whatever the batch; a shared part is packed
-once for its group), as vLLM's dense CPU layers prepack theirs for oneDNN.
+After loading, the method picks one kernel object for the layer (:mod:`kernels.backends`: the
+fused CPU kernel for float32 on a CPU, the Triton/torch custom ops on CUDA, the torch path
+elsewhere), which packs the factors once into the layout it reads, as vLLM's dense CPU layers
+prepack theirs for oneDNN; a shared part is packed once for its group. ``apply`` is one call on
+that object.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn import Parameter
 
+from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (
     LinearBase,
@@ -54,15 +61,15 @@ from vllm.model_executor.layers.linear import (
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
-from kernels import cpu_lowrank, lowrank_expand, lowrank_forward, lowrank_shrink, pack_expand
-from kernels.lowrank import U_ROW_ALIGN
+from kernels.backends import LowRankKernel, choose_kernel
 from soco_serve.layout import CheckpointError, LinearEntry, Manifest, basis_name, u_name, v_name, weight_name
 
 logger = init_logger("vllm.soco_serve.linear")
 
-QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+QKV_SHARDS = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -114,20 +121,11 @@ def plan_shrink_parts(segments: list[SegmentSpec]) -> list[ShrinkPart]:
 
 
 class SocoLinearConfig(QuantizationConfig):
-    """Tells vLLM's layers how the checkpoint stores them (built from the manifest, not a file)."""
+    """Tells vLLM's layers how the checkpoint stores them (built from the manifest, not a file; read only)."""
 
     def __init__(self, manifest: Manifest):
         super().__init__()
         self.manifest = manifest
-        # the bases of a shared shrink part -> the one Parameter of the layers that hold that part
-        self.shared_v: dict[tuple[str, ...], Parameter] = {}
-        # every shrink Parameter (loaded by the soco loader, not by the model's load_weights)
-        self.shrink_params: list[Parameter] = []
-        # checkpoint tensor -> the (layer, segment index) pairs it loads into, one per distinct Parameter
-        self.shrink_targets: dict[str, list[tuple[LinearBase, int]]] = {}
-        # id of a loaded shrink Parameter -> (that Parameter, kept so the id stays its own; its
-        # panels for the CPU kernel): a shared part is packed once
-        self.cpu_shrink: dict[int, tuple[Parameter, Parameter]] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -154,7 +152,7 @@ class SocoLinearConfig(QuantizationConfig):
         segments = self.segments_for(prefix)
         if segments is None or all(s.identity for s in segments):
             return UnquantizedLinearMethod()
-        return SocoLowRankLinearMethod(self, segments)
+        return SocoLowRankLinearMethod(segments)
 
     # -- manifest lookup ----------------------------------------------------------------------
     def segments_for(self, prefix: str) -> list[SegmentSpec] | None:
@@ -171,12 +169,59 @@ class SocoLinearConfig(QuantizationConfig):
         return [SegmentSpec(n, self.manifest.linears[n]) for n in names]
 
 
+def _loaded_by_soco_loader(param: Parameter, loaded: torch.Tensor, *args: Any) -> None:
+    raise CheckpointError("shrink rows are loaded by the soco loader (load_segment_v), not by the model's load_weights")
+
+
+def in_features(layer: LinearBase) -> int:
+    """Input features this rank holds (vLLM's replicated layers keep no per-partition size)."""
+    return getattr(layer, "input_size_per_partition", layer.input_size)
+
+
+@dataclass
+class SocoLayerState:
+    """A low-rank layer's own state, beside vLLM's (``output_partition_sizes``, ``tp_rank``, ...)."""
+
+    segments: tuple[SegmentSpec, ...]
+    ranks: tuple[int, ...]
+    """Per segment, its rows of ``v_cat`` on this rank (an identity segment: its output rows here)."""
+    parts: tuple[ShrinkPart, ...]
+    v_names: tuple[str, ...]
+    """The layer attribute of each shrink part."""
+    row_parallel: bool
+    reduce: bool
+    """Row-parallel under tensor parallelism: the all-reduce happens inside ``apply``, on ``h``."""
+    kernel: LowRankKernel | RowParallelReduce | None = None
+    """Picked after loading."""
+
+    def slot(self, j: int) -> tuple[str, int]:
+        """Segment ``j``'s shrink rows: its part's attribute and the first row there."""
+        for name, part in zip(self.v_names, self.parts):
+            if j in part.segments:
+                return name, sum(self.ranks[i] for i in part.segments if i < j)
+        raise IndexError(j)
+
+    def part_shape(self, i: int, layer: LinearBase) -> tuple[int, int]:
+        return sum(self.ranks[j] for j in self.parts[i].segments), in_features(layer)
+
+    def expand_factors(self, layer: LinearBase, u_flat: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per segment ``U_j [out_j, r_j]`` as views of the loaded flat buffer (None: identity)."""
+        us: list[torch.Tensor | None] = []
+        offset = 0
+        for s, part, r in zip(self.segments, layer.output_partition_sizes, self.ranks):
+            if s.identity:
+                us.append(None)
+            else:
+                us.append(u_flat.narrow(0, offset, part * r).view(part, r))
+                offset += part * r
+        return us
+
+
 class SocoLowRankLinearMethod(LinearMethodBase):
     """``y = expand(x · v_catᵀ)``, one shrink for all segments of the layer (one product per shrink part)."""
 
-    def __init__(self, config: SocoLinearConfig, segments: list[SegmentSpec]):
-        self.config = config
-        self.segments = segments
+    def __init__(self, segments: list[SegmentSpec]):
+        self.segments = tuple(segments)
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -186,79 +231,33 @@ class SocoLowRankLinearMethod(LinearMethodBase):
                 f"layer {layer.prefix!r}: vLLM splits it into {len(output_partition_sizes)} outputs, the manifest "
                 f"gives {len(self.segments)} ({[s.hf_name for s in self.segments]})"
             )
-        self.layer = layer
         row_parallel = isinstance(layer, RowParallelLinear)
-        ranks = [part if s.identity else s.entry.rank for s, part in zip(self.segments, output_partition_sizes)]
-        layer.soco_row_parallel = row_parallel
-        layer.soco_ranks = ranks
-        layer.soco_out_parts = list(output_partition_sizes)
+        if row_parallel and len(self.segments) != 1:
+            raise CheckpointError(f"layer {layer.prefix!r}: a row-parallel layer has one output, got {len(self.segments)}")
+        ranks = tuple(part if s.identity else s.entry.rank for s, part in zip(self.segments, output_partition_sizes))
         # The row-parallel reduction happens on the rank-sized product, inside apply().
-        layer.soco_reduce = row_parallel and layer.tp_size > 1 and layer.reduce_results
-        if layer.soco_reduce:
+        reduce = row_parallel and layer.tp_size > 1 and layer.reduce_results
+        if reduce:
             layer.reduce_results = False
-
-        layer.soco_in_part = input_size_per_partition
-        parts = plan_shrink_parts(self.segments)
-        layer.soco_v_names = ("lowrank_v",) if len(parts) == 1 else tuple(f"lowrank_v{i}" for i in range(len(parts)))
-        layer.soco_v_slots = [("", 0)] * len(self.segments)  # per segment: (its part's name, first row there)
-        for name, part in zip(layer.soco_v_names, parts):
-            v, load_here = self._shrink_param(layer, part, (sum(ranks[j] for j in part.segments),
-                                                            input_size_per_partition), params_dtype)
-            layer.register_parameter(name, v)
-            row = 0
-            for j in part.segments:
-                layer.soco_v_slots[j] = (name, row)
-                row += ranks[j]
-                if load_here:
-                    self.config.shrink_targets.setdefault(self.segments[j].shrink_tensor, []).append((layer, j))
+        parts = tuple(plan_shrink_parts(list(self.segments)))
+        v_names = ("lowrank_v",) if len(parts) == 1 else tuple(f"lowrank_v{i}" for i in range(len(parts)))
+        layer.soco = SocoLayerState(self.segments, ranks, parts, v_names, row_parallel, reduce)
 
         u_numel = sum(part * r for s, part, r in zip(self.segments, output_partition_sizes, ranks) if not s.identity)
         u = Parameter(torch.empty(u_numel, dtype=params_dtype), requires_grad=False)
         layer.register_parameter("lowrank_u", u)
-        set_weight_attrs(u, {"weight_loader": self._load_u})
+        set_weight_attrs(u, {"weight_loader": functools.partial(self._load_u, layer)})
 
-    def _shrink_param(self, layer: LinearBase, part: ShrinkPart, shape: tuple[int, int],
-                      dtype: torch.dtype) -> tuple[Parameter, bool]:
-        """The Parameter of one shrink part, and whether it is new (its tensors load through this layer)."""
-        config = self.config
-        if part.bases is not None and part.bases in config.shared_v:
-            return config.shared_v[part.bases], False
-        v = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-        config.shrink_params.append(v)
-        if part.bases is not None:
-            config.shared_v[part.bases] = v
-            held = [key for key in config.shared_v if key != part.bases and set(key) & set(part.bases)]
-            if held:
-                logger.warning("layer %s: shared bases %s are held again (also in the part of %s): the layers of "
-                               "one group do not share the same segments", layer.prefix, part.bases, held[0])
-        return v, True
+    @staticmethod
+    def new_shrink_param(layer: LinearBase, i: int) -> ModelWeightParameter:
+        """An empty Parameter for the layer's shrink part ``i`` (the loader decides which layers share it)."""
+        u = layer.lowrank_u
+        data = torch.empty(layer.soco.part_shape(i, layer), dtype=u.dtype, device=u.device)
+        param = ModelWeightParameter(data=data, output_dim=0, input_dim=1, weight_loader=_loaded_by_soco_loader)
+        param.tp_rank, param.tp_size = layer.tp_rank, layer.tp_size
+        return param
 
     # -- loading ------------------------------------------------------------------------------
-    def _segment(self, layer: LinearBase, shard_id: Any) -> int:
-        if shard_id is None:
-            if len(self.segments) != 1:
-                raise CheckpointError(f"layer {layer.prefix!r}: a fused layer's factors need a shard id")
-            return 0
-        return QKV_SHARDS[shard_id] if isinstance(shard_id, str) else int(shard_id)
-
-    def _shard_rank(self, layer: LinearBase, j: int) -> int:
-        """Which slice of a column-parallel output this rank holds (k/v heads may be replicated)."""
-        if isinstance(layer, QKVParallelLinear) and j > 0:
-            return layer.tp_rank // layer.num_kv_head_replicas
-        return layer.tp_rank
-
-    def _out_rows(self, layer: LinearBase, j: int, t: torch.Tensor) -> torch.Tensor:
-        if layer.soco_row_parallel:
-            return t
-        part = layer.soco_out_parts[j]
-        return t.narrow(0, self._shard_rank(layer, j) * part, part)
-
-    def _in_cols(self, layer: LinearBase, t: torch.Tensor) -> torch.Tensor:
-        if not layer.soco_row_parallel:
-            return t
-        part = layer.soco_in_part
-        return t.narrow(1, layer.tp_rank * part, part)
-
     @staticmethod
     def _check(layer: LinearBase, tensor: str, got: torch.Tensor, shape: tuple[int, ...]) -> None:
         if tuple(got.shape) != tuple(shape):
@@ -267,80 +266,76 @@ class SocoLowRankLinearMethod(LinearMethodBase):
                 f"(expected {list(shape)} for layer {layer.prefix!r})"
             )
 
-    def load_segment_v(self, layer: LinearBase, j: int, loaded: torch.Tensor) -> None:
-        """Copy segment ``j``'s shrink rows (a low-rank V, a basis, or a dense weight) into its part."""
-        seg = self.segments[j]
-        full_rows = seg.entry.out_features if seg.identity else seg.entry.rank
-        self._check(layer, seg.shrink_tensor, loaded, (full_rows, seg.entry.in_features))
-        rows = self._in_cols(layer, self._out_rows(layer, j, loaded) if seg.identity else loaded)
-        name, start = layer.soco_v_slots[j]
-        getattr(layer, name).data.narrow(0, start, layer.soco_ranks[j]).copy_(rows)
+    @staticmethod
+    def load_segment_v(layer: LinearBase, j: int, loaded: torch.Tensor) -> None:
+        """Copy segment ``j``'s shrink rows (a low-rank V, a basis, or a dense weight) into its part.
 
-    def _load_u(self, param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        layer = self.layer
+        vLLM's parameter methods do the tensor-parallel slicing: a row-parallel layer's input
+        columns; a column-parallel layer's dense rows (k/v heads may be replicated); a low-rank
+        V is whole on every column-parallel rank.
+        """
+        st = layer.soco
+        seg = st.segments[j]
+        full_rows = seg.entry.out_features if seg.identity else seg.entry.rank
+        SocoLowRankLinearMethod._check(layer, seg.shrink_tensor, loaded, (full_rows, seg.entry.in_features))
+        name, start = st.slot(j)
+        param: ModelWeightParameter = getattr(layer, name)
+        if st.row_parallel:
+            param.load_row_parallel_weight(loaded)  # one segment: its part is the whole Parameter
+        elif not seg.identity:
+            param.data.narrow(0, start, st.ranks[j]).copy_(loaded)
+        elif isinstance(layer, QKVParallelLinear):
+            param.load_qkv_weight(loaded, shard_offset=start, shard_size=st.ranks[j], shard_id=QKV_SHARDS[j],
+                                  num_heads=layer.num_kv_head_replicas)
+        else:
+            param.load_merged_column_weight(loaded, shard_offset=start, shard_size=st.ranks[j])
+
+    @staticmethod
+    def _segment(layer: LinearBase, shard_id: Any) -> int:
+        if shard_id is None:
+            if len(layer.soco.segments) != 1:
+                raise CheckpointError(f"layer {layer.prefix!r}: a fused layer's factors need a shard id")
+            return 0
+        return QKV_SHARDS.index(shard_id) if isinstance(shard_id, str) else int(shard_id)
+
+    def _load_u(self, layer: LinearBase, param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        st = layer.soco
         j = self._segment(layer, shard_id)
-        seg = self.segments[j]
+        seg = st.segments[j]
         self._check(layer, u_name(seg.hf_name), loaded, (seg.entry.out_features, seg.entry.rank))
-        offset = sum(p * r for s, p, r in zip(self.segments[:j], layer.soco_out_parts, layer.soco_ranks)
-                     if not s.identity)
-        part, rank = layer.soco_out_parts[j], layer.soco_ranks[j]
-        param.data.narrow(0, offset, part * rank).view(part, rank).copy_(self._out_rows(layer, j, loaded))
+        part, rank = layer.output_partition_sizes[j], st.ranks[j]
+        if not st.row_parallel:  # this rank's output rows (k/v heads may be replicated)
+            shard = layer.tp_rank // layer.num_kv_head_replicas if isinstance(layer, QKVParallelLinear) and j > 0 \
+                else layer.tp_rank
+            loaded = loaded.narrow(0, shard * part, part)
+        st.expand_factors(layer, param.data)[j].copy_(loaded)
 
     # -- after loading, and the forward -----------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Pack the expand factors into one buffer (CUDA: padded for the Triton kernels), or on a
-        CPU pack every factor into the fused CPU kernel's panels (see :mod:`kernels.cpu_lowrank`)."""
-        us: list[torch.Tensor | None] = []
-        offset = 0
-        for s, part, r in zip(self.segments, layer.soco_out_parts, layer.soco_ranks):
-            if s.identity:
-                us.append(None)
-            else:
-                us.append(layer.lowrank_u.data.narrow(0, offset, part * r).view(part, r))
-                offset += part * r
-        layer.soco_cpu = None  # CPU kernel: (rows of each shrink part, out_features)
-        first_v = getattr(layer, layer.soco_v_names[0])
-        if first_v.device.type == "cpu" and first_v.dtype == torch.float32 and cpu_lowrank.available():
-            # The panels replace the loaded factors: the layer holds one copy of each, and a shared
-            # part is packed once, into one Parameter, for its whole group.
-            for name in layer.soco_v_names:
-                v = getattr(layer, name)
-                cached = self.config.cpu_shrink.get(id(v))
-                if cached is None:
-                    panels = Parameter(cpu_lowrank.pack_panels(v.data), requires_grad=False)
-                    cached = self.config.cpu_shrink[id(v)] = (v, panels)
-                    v.data = v.data.new_empty(0)
-                setattr(layer, name, cached[1])
-            cpu = cpu_lowrank.CpuLowRank.build([getattr(layer, n).data for n in layer.soco_v_names],
-                                               layer.soco_in_part, us, list(layer.soco_ranks))
-            layer.lowrank_u = Parameter(cpu.u, requires_grad=False)
-            layer.register_buffer("soco_meta", cpu.meta, persistent=False)
-            layer.soco_cpu = (cpu.v_ranks, cpu.out_features)
-            logger.info_once("soco: low-rank layers run the fused CPU kernel (%s)",
-                             torch.backends.cpu.get_cpu_capability())
-            layer.soco_expand = None
-            return
-        # Rows padded for the Triton kernels' aligned loads on CUDA; unpadded (no waste) elsewhere.
-        packed = pack_expand(us, layer.soco_ranks, U_ROW_ALIGN if layer.lowrank_u.is_cuda else 1)
-        # The packed buffer replaces the loaded one: the layer holds one copy of U.
-        layer.lowrank_u = Parameter(packed.u_flat, requires_grad=False)
-        layer.soco_expand = packed
+        """Pick the layer's kernel (:func:`kernels.backends.choose_kernel`) and let it pack the factors once."""
+        st = layer.soco
+        us = st.expand_factors(layer, layer.lowrank_u.data)
+        kernel = choose_kernel(getattr(layer, st.v_names[0]))(st.v_names)
+        kernel.pack(layer, in_features(layer), us, list(st.ranks))
+        logger.info_once("soco: low-rank layers run the %s", kernel.description)
+        st.kernel = RowParallelReduce(kernel) if st.reduce else kernel
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        cpu = layer.soco_cpu
-        v = tuple(getattr(layer, name) for name in layer.soco_v_names)
-        if not layer.soco_reduce:
-            if cpu is not None:
-                return cpu_lowrank.forward(x, v, layer.lowrank_u, layer.soco_meta, bias, *cpu)
-            return lowrank_forward(x, v, layer.soco_expand, bias)
-        # Row-parallel under TP: reduce the rank-sized partial products, then expand on every
-        # rank; the bias (which vLLM passes on rank 0 only) is added everywhere.
-        from vllm.distributed import tensor_model_parallel_all_reduce
+        return layer.soco.kernel.apply(layer, x, bias)
 
-        if cpu is not None:
-            v_ranks, out_features = cpu
-            h = tensor_model_parallel_all_reduce(cpu_lowrank.shrink(x, v, v_ranks))
-            y = cpu_lowrank.expand(h, layer.lowrank_u, layer.soco_meta, layer.bias, out_features)
-            return y.view(*x.shape[:-1], out_features)
-        h = tensor_model_parallel_all_reduce(lowrank_shrink(x, v))
-        return lowrank_expand(h, layer.soco_expand, layer.bias)
+
+class RowParallelReduce:
+    """A row-parallel layer under tensor parallelism: the rank-sized partial products are
+    all-reduced (far fewer bytes than the outputs), then every rank expands the whole ``h``."""
+
+    def __init__(self, kernel: LowRankKernel):
+        self.kernel = kernel
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # vLLM gives the bias to rank 0 only, because it sums the ranks' outputs. Here every rank
+        # holds the whole output (the sum happened on h), so every rank adds what rank 0 is
+        # given: the layer's bias, unless the layer returns it to its caller (skip_bias_add).
+        if layer.tp_rank > 0 and not layer.skip_bias_add:
+            bias = layer.bias
+        h = tensor_model_parallel_all_reduce(self.kernel.shrink(layer, x))
+        return self.kernel.expand(layer, h, bias)

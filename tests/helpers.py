@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -33,12 +36,19 @@ def make_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, seed: int = 
     return path
 
 
+def import_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_benchmark(name: str, results, monkeypatch):
     """``benchmarks/<name>.py`` as a module whose result files go to ``results``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_benchmark(name)
     monkeypatch.setattr(module, "RESULTS", results)
     return module

@@ -16,8 +16,9 @@
 // in registers (AVX-512: 8 x 2 zmm, AVX2: 3 x 4 ymm); tokens come in chunks that stay in L2
 // while the panels stream by. Compiled with -march=native: AVX-512, AVX2+FMA or plain C++.
 //
-// Segment table (int32 [6, S], kernels/cpu_lowrank.py CPU_META_FIELDS): rank_offset, rank,
-// out_offset, out_size, u_offset (first float of the segment's panels in u), identity.
+// Segment table (int32 [7, S], kernels/segments.py META_FIELDS): rank_offset, rank, out_offset,
+// out_size, u_offset (first float of the segment's panels in u), u_stride (unused: panels are
+// unpadded), identity.
 //
 // The shrink factor v_cat [R, in] may come in row blocks ("parts", each packed on its own): a basis
 // shared by several layers is packed once and read in place by every layer beside that layer's own
@@ -284,8 +285,8 @@ Work shrink_work(const at::Tensor& x, const at::TensorList& v, const at::IntArra
 // The expand's work: y [tokens, out_features] = each segment's h_j U_jᵀ (identity: h_j), + bias.
 Work expand_work(const at::Tensor& h, const at::Tensor& u, const at::Tensor& meta,
                  const std::optional<at::Tensor>& bias, int64_t out_features, at::Tensor& y) {
-  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == 6 && meta.scalar_type() == at::kInt && meta.is_contiguous(),
-              "soco_cpu: meta must be a contiguous int32 [6, segments] table");
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == 7 && meta.scalar_type() == at::kInt && meta.is_contiguous(),
+              "soco_cpu: meta must be a contiguous int32 [7, segments] table");
   const int64_t S = meta.size(1);
   const int32_t* mt = meta.data_ptr<int32_t>();
   int64_t rank_total = 0;
@@ -301,7 +302,7 @@ Work expand_work(const at::Tensor& h, const at::Tensor& u, const at::Tensor& met
   std::vector<Panels> mats;
   for (int64_t s = 0; s < S; ++s) {
     const int64_t roff = mt[s], rank = mt[S + s], ooff = mt[2 * S + s], osz = mt[3 * S + s];
-    const int64_t uoff = mt[4 * S + s], ident = mt[5 * S + s];
+    const int64_t uoff = mt[4 * S + s], ident = mt[6 * S + s];
     TORCH_CHECK(ooff + osz <= out_features, "soco_cpu: segment ", s, " ends past out_features");
     TORCH_CHECK(ident || uoff + osz * rank <= u.numel(), "soco_cpu: segment ", s, " ends past u");
     mats.push_back(Panels{ident ? nullptr : u.data_ptr<float>() + uoff, osz, rank, h.data_ptr<float>() + roff,

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import PackedExpand, lowrank_forward, lowrank_silu_mul, pack_expand
+from kernels import PackedExpand, lowrank_forward, pack_expand
+from tests.helpers import import_benchmark
 
 _MODULE_FILE = Path(kernels.__file__).with_name("triton_lowrank.py")
 
@@ -135,18 +136,24 @@ class Linear(torch.nn.Module):
     """Holds its factors as a vLLM layer does: ``V`` a Parameter (or one per row block, given
     ``v_split``: a basis shared with other layers beside the layer's own rows), the pack a plain attribute."""
 
-    def __init__(self, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None, gated: bool = False,
+    def __init__(self, v_cat: torch.Tensor, packed: PackedExpand, bias: torch.Tensor | None,
                  v_split: Sequence[int] | None = None):
         super().__init__()
         blocks = v_cat.split(list(v_split)) if v_split else (v_cat,)
         self.v_names = tuple(f"v{i}" for i in range(len(blocks)))
         for name, block in zip(self.v_names, blocks):
             self.register_parameter(name, torch.nn.Parameter(block.clone(), requires_grad=False))
-        self.packed, self.bias, self.gated = packed, bias, gated
+        self.packed, self.bias = packed, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = tuple(getattr(self, name) for name in self.v_names)
-        return (lowrank_silu_mul if self.gated else lowrank_forward)(x, v, self.packed, self.bias)
+        return lowrank_forward(x, v, self.packed, self.bias)
+
+
+@pytest.fixture(scope="session")
+def silu_mul() -> Callable[..., torch.Tensor]:
+    """The gated SiLU form of a gate/up layer, which lives in its only user, ``benchmarks/decode_bench.py``."""
+    return import_benchmark("decode_bench").lowrank_silu_mul
 
 
 def compiled_graphs(module: torch.nn.Module) -> tuple[Callable[..., torch.Tensor], list[torch.fx.GraphModule]]:

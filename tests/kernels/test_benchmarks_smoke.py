@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import import_benchmark
 
 
 @pytest.mark.parametrize(
@@ -27,7 +14,7 @@ def _load(name: str) -> ModuleType:
     [("kernel_bench", ["--cpu-reps", "2", "--shapes", "qkv"]), ("decode_bench", [])],
 )
 def test_quick_mode_writes_results(script, extra, tmp_path, capsys):
-    _load(script).main(["--quick", "--device", "cpu", "--no-plot", "--out-dir", str(tmp_path), *extra])
+    import_benchmark(script).main(["--quick", "--device", "cpu", "--no-plot", "--out-dir", str(tmp_path), *extra])
     (result,) = tmp_path.glob(f"{script}_cpu*.json")
     payload = json.loads(result.read_text())
     assert payload["environment"]["device"].startswith("CPU") and payload["results"]
@@ -56,7 +43,7 @@ def test_interleaved_timer_takes_turns():
 
 def test_cpu_kernel_bench_writes_parts_column(tmp_path):
     """The CPU kernel benchmark (needs vLLM's oneDNN ops), one decoder layer, with the parts column."""
-    _load("cpu_kernel_bench").main(["--layers", "1", "--tokens", "1,3", "--reps", "2", "--parts", "--name", "smoke",
+    import_benchmark("cpu_kernel_bench").main(["--layers", "1", "--tokens", "1,3", "--reps", "2", "--parts", "--name", "smoke",
                                      "--out-dir", str(tmp_path)])
     (result,) = tmp_path.glob("cpu_kernel_smoke_cpu*.json")
     rows = json.loads(result.read_text())["rows"]

@@ -1,4 +1,4 @@
-"""The packing and the torch path of ``kernels.lowrank`` (the CPU serving path), against the references."""
+"""The packing (``kernels.segments``) and the torch path (``kernels.torch_lowrank``, through ``kernels.ops``), against the references."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from kernels import (
     lowrank_forward_reference,
     lowrank_forward_torch,
     lowrank_shrink,
-    lowrank_silu_mul,
     pack_expand,
 )
-from kernels.lowrank import U_ROW_ALIGN
+from kernels.segments import U_ROW_ALIGN
 
 # (out, rank) per segment; rank None = identity (dense) segment.
 LAYOUTS = {
@@ -97,18 +96,18 @@ def test_expand_rejects_mismatched_operands(make_layer):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_silu_mul_torch_path(bias, make_layer, check_close):
+def test_silu_mul_torch_path(bias, make_layer, check_close, silu_mul):
     layer = make_layer(24, [(33, 17), (33, 5)], bias=bias)
     x = torch.randn(2, 3, 24)
     ref = lowrank_forward_reference(x, layer.v_cat, layer.packed, layer.bias)
     gate, up = ref.split(33, dim=-1)
-    check_close(lowrank_silu_mul(x, layer.v_cat, layer.packed, layer.bias), F.silu(gate) * up)
+    check_close(silu_mul(x, layer.v_cat, layer.packed, layer.bias), F.silu(gate) * up)
 
 
-def test_silu_mul_needs_two_equal_segments(make_layer):
+def test_silu_mul_needs_two_equal_segments(make_layer, silu_mul):
     layer = make_layer(24, [(33, 17), (8, 5)])
     with pytest.raises(ValueError, match="two segments .* equal size"):
-        lowrank_silu_mul(torch.randn(1, 24), layer.v_cat, layer.packed)
+        silu_mul(torch.randn(1, 24), layer.v_cat, layer.packed)
 
 
 def test_pack_roundtrip_and_metadata():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import TRITON_MAX_TOKENS, lowrank_expand, lowrank_forward, lowrank_forward_reference, lowrank_silu_mul
+from kernels import TRITON_MAX_TOKENS, lowrank_expand, lowrank_forward, lowrank_forward_reference
 
 from .conftest import Linear
 
@@ -64,7 +64,7 @@ def test_7b_gate_up_silu(triton_lowrank, make_layer, check_close, mode):
 
 
 @pytest.mark.parametrize("tokens", [1, TRITON_MAX_TOKENS, TRITON_MAX_TOKENS + 1, 700])
-def test_dispatch_3d_input(make_layer, check_close, tokens):
+def test_dispatch_3d_input(make_layer, check_close, silu_mul, tokens):
     """Both sides of the token threshold (Triton, then cuBLAS), leading dims kept."""
     layer = make_layer(576, [(576, 230), (192, 115), (192, 115)], dtype=BF16, device="cuda", bias=True)
     x = torch.randn(1, tokens, 576, device="cuda", dtype=BF16)
@@ -73,7 +73,7 @@ def test_dispatch_3d_input(make_layer, check_close, tokens):
     check_close(y, _reference(layer, x))
     gate_up = make_layer(576, [(1536, 335), (1536, 335)], dtype=BF16, device="cuda")
     gate, up = _reference(gate_up, x).split(1536, dim=-1)
-    check_close(lowrank_silu_mul(x, gate_up.v_cat, gate_up.packed), F.silu(gate) * up)
+    check_close(silu_mul(x, gate_up.v_cat, gate_up.packed), F.silu(gate) * up)
 
 
 @pytest.mark.parametrize("tokens", [1, TRITON_MAX_TOKENS + 1])
