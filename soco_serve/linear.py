@@ -181,6 +181,17 @@ class SocoLowRankLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        # A weight the source checkpoint stores fused (Phi-3's qkv_proj, Falcon's query_key_value) is
+        # one factorization under the fused name (see compress.models.LinearSpec): one segment whose
+        # expand rows cover every output of the vLLM layer, in the layer's order once the model's own
+        # load_weights has reordered them (it does so for parameters that declare their output_dim).
+        source_fused = len(self.segments) == 1 and len(output_partition_sizes) > 1
+        if source_fused:
+            if layer.tp_size > 1:
+                raise CheckpointError(
+                    f"layer {layer.prefix!r}: its weight is fused in the source checkpoint and stored as one "
+                    "factorization, which soco serves without tensor parallelism only (--tensor-parallel-size 1)")
+            output_partition_sizes = [sum(output_partition_sizes)]
         if len(output_partition_sizes) != len(self.segments):
             raise CheckpointError(
                 f"layer {layer.prefix!r}: vLLM splits it into {len(output_partition_sizes)} outputs, the manifest "
@@ -215,7 +226,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
         u_numel = sum(part * r for s, part, r in zip(self.segments, output_partition_sizes, ranks) if not s.identity)
         u = Parameter(torch.empty(u_numel, dtype=params_dtype), requires_grad=False)
         layer.register_parameter("lowrank_u", u)
-        set_weight_attrs(u, {"weight_loader": self._load_u})
+        set_weight_attrs(u, {"weight_loader": self._load_u, **({"output_dim": 0} if source_fused else {})})
 
     def _shrink_param(self, layer: LinearBase, part: ShrinkPart, shape: tuple[int, int],
                       dtype: torch.dtype) -> tuple[Parameter, bool]:
