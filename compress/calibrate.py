@@ -164,7 +164,8 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, batch_
             captured[-1].kwargs[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if layer is layers[-1]:
                 raise _StopForward
-            return hidden  # the next layers only record their arguments, which do not depend on it
+            # the next layers only record their arguments, which do not depend on it
+            return (hidden,) if spec.tuple_output else hidden
 
         return forward
 
@@ -207,13 +208,14 @@ def device_of(mod: nn.Module) -> torch.device:
 class _Replay(nn.Module):
     """Stands in for the whole decoder stack: returns the hidden states it is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, tuple_output: bool) -> None:
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        self.tuple_output = tuple_output
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
         assert self.hidden is not None
-        return self.hidden
+        return (self.hidden,) if self.tuple_output else self.hidden
 
 
 def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -226,7 +228,7 @@ def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidde
     owner_name, _, attr = spec.layers.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     layers = getattr(owner, attr)
-    replay = _Replay()
+    replay = _Replay(spec.tuple_output)
     replay.hidden = hidden
     setattr(owner, attr, nn.ModuleList([replay]))
     try:

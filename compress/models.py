@@ -63,6 +63,9 @@ class LinearSpec:
 class ArchSpec:
     layers: str  # module path of the decoder layer list
     linears: tuple[LinearSpec, ...]
+    # The decoder layer returns ``(hidden, ...)`` rather than the hidden states (Falcon in
+    # transformers 5): a stand-in for the layers must answer in the same form.
+    tuple_output: bool = False
 
     def kinds(self) -> tuple[str, ...]:
         return tuple(s.kind for s in self.linears)
@@ -121,6 +124,7 @@ FALCON = ArchSpec(
         LinearSpec("up", "mlp.dense_h_to_4h", "mlp_in"),
         LinearSpec("down", "mlp.dense_4h_to_h", "mlp_out"),
     ),
+    tuple_output=True,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
