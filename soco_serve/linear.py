@@ -128,6 +128,8 @@ class SocoLinearConfig(QuantizationConfig):
         # id of a loaded shrink Parameter -> (that Parameter, kept so the id stays its own; its
         # panels for the CPU kernel): a shared part is packed once
         self.cpu_shrink: dict[int, tuple[Parameter, Parameter]] = {}
+        # vLLM module name -> the manifest's (checkpoint's) name, where a model renames modules
+        self.hf_names: dict[str, str] = {}
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -156,12 +158,37 @@ class SocoLinearConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         return SocoLowRankLinearMethod(self, segments)
 
+    def add_stacked_modules(self, model_class: type) -> None:
+        """Fused layers that a model class declares only as a checkpoint rename (StableLM maps
+        ``.q_proj`` to ``.qkv_proj`` shard ``q`` in its ``hf_to_vllm_mapper``, with no
+        ``packed_modules_mapping``) are added to the mapping, in shard order, so their segments are
+        found like any other model's."""
+        mapper = getattr(model_class, "hf_to_vllm_mapper", None)
+        stacked = getattr(mapper, "orig_to_new_stacked", None) or {}
+        fused: dict[str, list[tuple[int, str]]] = {}
+        for orig, (new, shard) in stacked.items():
+            order = QKV_SHARDS[shard] if isinstance(shard, str) else int(shard)
+            fused.setdefault(new.strip("."), []).append((order, orig.strip(".")))
+        for leaf, parts in fused.items():
+            self.packed_modules_mapping.setdefault(leaf, [name for _, name in sorted(parts)])
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        """Models whose module names differ from the checkpoint's pass their rename here (vLLM's
+        Transformers backend calls GPT-NeoX's ``gpt_neox.layers`` ``model.layers``): layers are then
+        found under their vLLM names, while tensors keep the checkpoint's (the model's
+        ``load_weights`` renames those itself)."""
+        for name in self.manifest.linears:
+            mapped = hf_to_vllm_mapper._map_name(weight_name(name))
+            if mapped is not None and mapped != weight_name(name):
+                self.hf_names[mapped.removesuffix(".weight")] = name
+
     # -- manifest lookup ----------------------------------------------------------------------
     def segments_for(self, prefix: str) -> list[SegmentSpec] | None:
         """The manifest entries behind a vLLM layer, in its output order; None if not a decoder linear."""
         parent, _, leaf = prefix.rpartition(".")
         hf_leaves = self.packed_modules_mapping.get(leaf, [leaf])
         names = [f"{parent}.{x}" if parent else x for x in hf_leaves]
+        names = [self.hf_names.get(n, n) for n in names]
         found = [n in self.manifest.linears for n in names]
         if not any(found):
             return None

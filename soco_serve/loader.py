@@ -25,7 +25,7 @@ from vllm.config.load import LoadConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.model_loader.utils import get_model_architecture, initialize_model
 
 from soco_serve.layout import CheckpointError, CheckpointReader
 from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
@@ -62,6 +62,7 @@ class SocoModelLoader(BaseModelLoader):
                 f"config.json says {arch!r}"
             )
         self._config = SocoLinearConfig(reader.manifest)
+        self._config.add_stacked_modules(get_model_architecture(model_config)[0])
         # The soco config reaches every layer the way a quantization config does, through the
         # VllmConfig the model class is built with; the engine's own config is left untouched.
         build_config = copy.copy(vllm_config)
