@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .models import LinearRef
+from .models import DEFAULT_SHARED_KINDS, LinearRef, LinearSpec
 
 
 class AllocationError(ValueError):
@@ -68,6 +68,18 @@ def _lowrank_or_dense(ref: LinearRef, rank: int, force: bool) -> Assignment:
     return Assignment("lowrank", rank)
 
 
+def _shares(spec: LinearSpec, shared_kinds: tuple[str, ...]) -> bool:
+    """A matrix shares a basis when its type is a shared type; a weight fused in the source (q/k/v
+    in one matrix) when all of its parts are, since it is one matrix with one factorization."""
+    if spec.kind in shared_kinds:
+        return True
+    named = [t for t in spec.parts if t in shared_kinds]
+    if named and len(named) < len(spec.parts):
+        raise AllocationError(f"--shared-types names {named}, but this model stores {list(spec.parts)} fused in one "
+                              f"matrix ({spec.path}): name all of them or none")
+    return bool(named)
+
+
 def plan_ranks(refs: list[LinearRef], ratio: float, *, group_size: int = 1, shared_kinds: tuple[str, ...] = (),
                force_factorize: bool = False, full_rank: bool = False) -> Plan:
     """Uniform ranks per matrix (SVD, SVD-LLM) or per group of layers (Basis Sharing).
@@ -86,11 +98,12 @@ def plan_ranks(refs: list[LinearRef], ratio: float, *, group_size: int = 1, shar
     by_kind: dict[str, list[LinearRef]] = {}
     for r in refs:
         by_kind.setdefault(r.spec.kind, []).append(r)
-    unknown = set(shared_kinds) - set(by_kind)
+    types = {t for members in by_kind.values() for t in (members[0].spec.kind, *members[0].spec.types)}
+    unknown = set(shared_kinds) - set(DEFAULT_SHARED_KINDS) - types
     if unknown:
-        raise AllocationError(f"--shared-types names {sorted(unknown)}; this model's matrix types are {sorted(by_kind)}")
+        raise AllocationError(f"--shared-types names {sorted(unknown)}; this model's matrix types are {sorted(types)}")
     for kind, members in by_kind.items():
-        if kind in shared_kinds:
+        if _shares(members[0].spec, shared_kinds):
             for start in range(first, last + 1, group_size):
                 grp = [r for r in members if start <= r.layer < start + group_size]
                 d_in, d_out = grp[0].module.in_features, grp[0].module.out_features

@@ -4,7 +4,7 @@ A forward pre-hook on the first linear of each input site adds ``XᵀX`` of the 
 site's accumulator and drops ``X``. Linears that read the same activation (q/k/v; gate/up) share
 one accumulator, and only the layers being compressed have accumulators at all.
 
-:func:`layer_inputs` captures what the model feeds its first decoder layer (embeddings, rotary
+:func:`layer_inputs` captures what the model feeds its decoder layers (embeddings, rotary
 tables, masks) from a real forward call, :func:`run_layer` advances a batch list through one
 layer, and :func:`head_logits` finishes from the last layer's output. The pipeline walks every
 stream (dense and compressed, calibration and evaluation) with these three, so no architecture's
@@ -126,28 +126,53 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInput:
-    """What the model passes to its first decoder layer for one batch (hidden states + kwargs)."""
+    """What the model passes to its decoder layers for one batch: the first layer's hidden states,
+    and each layer's keyword arguments (rotary tables, masks), keyed by the layer module.
+
+    Per layer, because architectures differ between layers: sliding-window layers get another
+    mask than global ones (Gemma 2 and 3, Qwen3 with windows), Gemma 3's local layers other
+    rotary tables. The dicts of layers of one type hold the same tensors, so this costs nothing.
+    """
 
     hidden: torch.Tensor
-    kwargs: dict[str, Any]
+    kwargs: dict[nn.Module, dict[str, Any]]
+
+    def kwargs_for(self, layer: nn.Module) -> dict[str, Any]:
+        try:
+            return self.kwargs[layer]
+        except KeyError:
+            raise KeyError(f"no captured inputs for decoder layer {type(layer).__name__} (not a layer of the "
+                           "model the inputs were captured from)") from None
 
 
 @torch.no_grad()
 def layer_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, batch_size: int) -> list[LayerInput]:
-    """Capture the first decoder layer's inputs for each batch (embeddings, rotary, masks).
+    """Capture the decoder layers' inputs for each batch (embeddings, rotary tables, masks).
 
-    Architecture-neutral: whatever the model computes before its layers (position embeddings,
-    attention masks) is recorded from a real forward call, which stops at layer 0.
+    Architecture-neutral: whatever the model computes for its layers is recorded from a real
+    forward call in which every layer is a pass-through that records its arguments (so the
+    layers themselves never run and may still be on the meta device); the call stops after the
+    last layer has been recorded.
     """
-    layers = decoder_layers(model, spec)
+    layers = list(decoder_layers(model, spec))
     captured: list[LayerInput] = []
 
-    def grab(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(LayerInput(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
+    def recorder(layer: nn.Module) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if layer is layers[0]:
+                captured.append(LayerInput(hidden, {}))
+            captured[-1].kwargs[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if layer is layers[-1]:
+                raise _StopForward
+            # the next layers only record their arguments, which do not depend on it
+            return (hidden,) if spec.tuple_output else hidden
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (accelerate's hooks) is kept
+    for layer in layers:
+        layer.forward = recorder(layer)
     device = next(model.parameters()).device
     try:
         for b in batches(windows, batch_size):
@@ -156,13 +181,17 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, batch_
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for layer, fwd in zip(layers, own):
+            if fwd is None:
+                del layer.forward  # the class's own forward again
+            else:
+                layer.forward = fwd
     return captured
 
 
 def forward_layer(layer: nn.Module, li: LayerInput) -> LayerInput:
     """One decoder layer on one batch (differentiable: recovery trains through it)."""
-    h = layer(li.hidden, **li.kwargs)
+    h = layer(li.hidden, **li.kwargs_for(layer))
     return LayerInput(h[0] if isinstance(h, tuple) else h, li.kwargs)
 
 
@@ -200,13 +229,14 @@ def device_of(mod: nn.Module) -> torch.device:
 class _Replay(nn.Module):
     """Stands in for the whole decoder stack: returns the hidden states it is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, tuple_output: bool) -> None:
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        self.tuple_output = tuple_output
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
         assert self.hidden is not None
-        return self.hidden
+        return (self.hidden,) if self.tuple_output else self.hidden
 
 
 def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -219,7 +249,7 @@ def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidde
     owner_name, _, attr = spec.layers.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     layers = getattr(owner, attr)
-    replay = _Replay()
+    replay = _Replay(spec.tuple_output)
     replay.hidden = hidden
     setattr(owner, attr, nn.ModuleList([replay]))
     try:
@@ -272,7 +302,7 @@ def collect_fisher(run_layers: "LayerSource", model: nn.Module, spec: ArchSpec, 
                 for k, (h, li) in enumerate(zip(saved, inputs)):
                     h = h.detach().requires_grad_(True)
                     with torch.enable_grad():
-                        out = layer(h, **li.kwargs)
+                        out = layer(h, **li.kwargs_for(layer))
                         out = out[0] if isinstance(out, tuple) else out
                         got = torch.autograd.grad(out, [h, *live.values()], grads[k])
                     grads[k] = got[0]

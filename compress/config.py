@@ -9,9 +9,9 @@ from typing import Any
 from soco_serve.layout import DEFAULT_MAX_SHARD_BYTES
 
 from . import allocate, methods, soco
+from .models import DEFAULT_SHARED_KINDS
 from .recover import DEFAULT_STEPS, RecoverConfig, split_holdout
 
-DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
 
 # Fields that change neither the checkpoint nor the run's intermediate results: a run may be
 # resumed with other values of these.

@@ -6,7 +6,8 @@ article (index 0, 5, 10, ...) is evaluation text, the others calibration text. S
 are disjoint by article and both span the whole dump.
 
 Perplexity follows the SVD-LLM / Basis Sharing protocol: the evaluation text is tokenized as one
-stream and cut into non-overlapping windows of ``seq_len`` tokens. Calibration, as in those papers,
+stream and cut into non-overlapping windows of ``seq_len`` tokens; a window starts as the
+tokenizer starts any text (a BOS where it adds one, :func:`window_prefix`). Calibration, as in those papers,
 takes random ``seq_len`` windows of the calibration stream (seeded).
 """
 
@@ -130,30 +131,65 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int = 0, what: str = "evaluation") -> torch.Tensor:
-    """Non-overlapping windows from the start of the stream, ``[n, seq_len]`` (0 = all windows)."""
-    n = tokens.numel() // seq_len
+def window_prefix(tokenizer) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before any text (Gemma's BOS; none for many others).
+
+    Asked of the tokenizer, not assumed from the architecture: a model trained with a BOS at the
+    start of every sequence (Gemma's perplexity is far off without it) gets it at the start of
+    every window, and a model trained without gets none.
+    """
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return tuple(full[:k])
+    raise DataError(f"the tokenizer encodes 'x' as {full} with special tokens and {plain} without: "
+                    "cannot tell which tokens it puts before a text")
+
+
+def _prefixed(body: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
+    head = torch.tensor(prefix, dtype=body.dtype).expand(body.shape[0], len(prefix))
+    return torch.cat([head, body], dim=1)
+
+
+def _body_len(seq_len: int, prefix: tuple[int, ...], what: str) -> int:
+    if seq_len <= len(prefix) + 1:
+        raise DataError(f"{what} windows of {seq_len} tokens leave no text after the tokenizer's prefix {list(prefix)}")
+    return seq_len - len(prefix)
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int = 0, what: str = "evaluation",
+                 prefix: tuple[int, ...] = ()) -> torch.Tensor:
+    """Non-overlapping windows from the start of the stream, ``[n, seq_len]`` (0 = all windows),
+    each the ``prefix`` tokens then ``seq_len - len(prefix)`` tokens of text."""
+    body = _body_len(seq_len, prefix, what)
+    n = tokens.numel() // body
     if n == 0:
         raise DataError(f"{what} text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
     if max_windows:
         n = min(n, max_windows)
-    return tokens[: n * seq_len].view(n, seq_len)
+    return _prefixed(tokens[: n * body].view(n, body), prefix)
 
 
 def text_eval_windows(tokenizer, src: str | None, seq_len: int, max_windows: int = 0) -> torch.Tensor:
-    """:func:`eval_windows` of an evaluation text (``src`` as :func:`load_text` takes it)."""
-    return eval_windows(tokenize_stream(tokenizer, load_text(src, "evaluation")), seq_len, max_windows)
+    """:func:`eval_windows` of an evaluation text (``src`` as :func:`load_text` takes it), each
+    window starting as the tokenizer starts a text (:func:`window_prefix`)."""
+    return eval_windows(tokenize_stream(tokenizer, load_text(src, "evaluation")), seq_len, max_windows,
+                        prefix=window_prefix(tokenizer))
 
 
-def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int = 0) -> torch.Tensor:
-    """``n_windows`` random windows of ``seq_len`` tokens (seeded), ``[n, seq_len]``."""
+def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int = 0,
+                        prefix: tuple[int, ...] = ()) -> torch.Tensor:
+    """``n_windows`` random windows of ``seq_len`` tokens (seeded), ``[n, seq_len]``, each the
+    ``prefix`` tokens then text."""
     if n_windows < 1:
         raise DataError(f"calibration needs at least one window, got n_windows={n_windows}")
-    if tokens.numel() < seq_len + 1:
+    body = _body_len(seq_len, prefix, "calibration")
+    if tokens.numel() < body + 1:
         raise DataError(
             f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
             "give more text or a smaller --seq-len"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (n_windows,), generator=g)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, tokens.numel() - body, (n_windows,), generator=g)
+    return _prefixed(torch.stack([tokens[s : s + body] for s in starts.tolist()]), prefix)

@@ -36,41 +36,118 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """One linear layer of a decoder layer."""
+    """One linear layer of a decoder layer.
 
-    kind: str  # short name used in reports and options: q, k, v, o, gate, up, down
+    ``parts`` declares a weight that the source checkpoint already stores fused (Phi-3's
+    ``qkv_proj``, GPT-NeoX's ``query_key_value``): the matrix types whose rows it concatenates.
+    Such a weight is compressed as one linear: one factorization ``U V`` of the fused matrix,
+    written under the fused name. That is the name both transformers' module and vLLM's model
+    class load (vLLM's loaders only move rows of ``U``, which holds the output dimension as the
+    dense weight does, and leave ``V``, which reads the one shared input, alone), so one
+    checkpoint serves both without a rename. The parts decide sharing: the fused matrix shares
+    a basis when all of its parts are shared types (its parts read one input, so one basis).
+    """
+
+    kind: str  # short name used in reports and options: q, k, v, o, gate, up, down; qkv, gate_up when fused
     path: str  # module path inside the decoder layer
     site: str  # input site: linears with the same site read the same activation
+    parts: tuple[str, ...] = ()  # a fused source weight: the matrix types it concatenates, in row order
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The matrix types this linear holds (itself, or the parts of a fused weight)."""
+        return self.parts or (self.kind,)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     layers: str  # module path of the decoder layer list
     linears: tuple[LinearSpec, ...]
+    # The decoder layer returns ``(hidden, ...)`` rather than the hidden states (Falcon in
+    # transformers 5): a stand-in for the layers must answer in the same form.
+    tuple_output: bool = False
 
     def kinds(self) -> tuple[str, ...]:
         return tuple(s.kind for s in self.linears)
 
+    def describe(self) -> str:
+        return f"decoder layers at '{self.layers}.N' with linears {[s.path for s in self.linears]}"
 
-LLAMA_LIKE = ArchSpec(
+
+_ATTN = (
+    LinearSpec("q", "self_attn.q_proj", "attn_in"),
+    LinearSpec("k", "self_attn.k_proj", "attn_in"),
+    LinearSpec("v", "self_attn.v_proj", "attn_in"),
+    LinearSpec("o", "self_attn.o_proj", "attn_out"),
+)
+_GLU = (
+    LinearSpec("gate", "mlp.gate_proj", "mlp_in"),
+    LinearSpec("up", "mlp.up_proj", "mlp_in"),
+    LinearSpec("down", "mlp.down_proj", "mlp_out"),
+)
+
+# Llama's module names, shared by most families; what differs between them (biases, q/k norms,
+# extra or scaled norms, soft-capping, sliding windows, multipliers) lives outside the linears
+# and is run by the model's own code.
+LLAMA_LIKE = ArchSpec(layers="model.layers", linears=_ATTN + _GLU)
+
+# q/k/v and gate/up fused in the Hugging Face weights (and under the same names in vLLM).
+PHI3 = ArchSpec(
     layers="model.layers",
     linears=(
-        LinearSpec("q", "self_attn.q_proj", "attn_in"),
-        LinearSpec("k", "self_attn.k_proj", "attn_in"),
-        LinearSpec("v", "self_attn.v_proj", "attn_in"),
+        LinearSpec("qkv", "self_attn.qkv_proj", "attn_in", parts=("q", "k", "v")),
         LinearSpec("o", "self_attn.o_proj", "attn_out"),
-        LinearSpec("gate", "mlp.gate_proj", "mlp_in"),
-        LinearSpec("up", "mlp.up_proj", "mlp_in"),
+        LinearSpec("gate_up", "mlp.gate_up_proj", "mlp_in", parts=("gate", "up")),
         LinearSpec("down", "mlp.down_proj", "mlp_out"),
     ),
+)
+
+# Fused query_key_value (rows interleaved per head); a GELU MLP, so no gate. The attention and
+# the MLP read their own norms' outputs (also in the parallel-residual form), so four sites.
+GPT_NEOX = ArchSpec(
+    layers="gpt_neox.layers",
+    linears=(
+        LinearSpec("qkv", "attention.query_key_value", "attn_in", parts=("q", "k", "v")),
+        LinearSpec("o", "attention.dense", "attn_out"),
+        LinearSpec("up", "mlp.dense_h_to_4h", "mlp_in"),
+        LinearSpec("down", "mlp.dense_4h_to_h", "mlp_out"),
+    ),
+)
+
+# Falcon: fused query_key_value like GPT-NeoX. Its parallel-attention form feeds attention and MLP
+# the same norm's output, the new decoder architecture two norms: separate sites are right for both.
+FALCON = ArchSpec(
+    layers="transformer.h",
+    linears=(
+        LinearSpec("qkv", "self_attention.query_key_value", "attn_in", parts=("q", "k", "v")),
+        LinearSpec("o", "self_attention.dense", "attn_out"),
+        LinearSpec("up", "mlp.dense_h_to_4h", "mlp_in"),
+        LinearSpec("down", "mlp.dense_4h_to_h", "mlp_out"),
+    ),
+    tuple_output=True,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": LLAMA_LIKE,
     "MistralForCausalLM": LLAMA_LIKE,
-    "Qwen2ForCausalLM": LLAMA_LIKE,
-    "Qwen3ForCausalLM": LLAMA_LIKE,
+    "Qwen2ForCausalLM": LLAMA_LIKE,  # bias on q/k/v
+    "Qwen3ForCausalLM": LLAMA_LIKE,  # q/k norms
+    "Gemma2ForCausalLM": LLAMA_LIKE,  # scaled embeddings, four norms a layer, soft-capping, sliding layers
+    "Gemma3ForCausalLM": LLAMA_LIKE,  # the text model; q/k norms, local and global rotary
+    "Olmo2ForCausalLM": LLAMA_LIKE,  # norms after attention and MLP, q/k norms
+    "GraniteForCausalLM": LLAMA_LIKE,  # embedding, residual, attention and logit multipliers
+    "StableLmForCausalLM": LLAMA_LIKE,
+    "Phi3ForCausalLM": PHI3,
+    "GPTNeoXForCausalLM": GPT_NEOX,
+    "FalconForCausalLM": FALCON,
 }
+
+# The matrix types that share a basis by default (Basis Sharing's choice). A default type the
+# model lacks (a GELU MLP has no gate) has nothing to share; any other unknown name is refused.
+DEFAULT_SHARED_KINDS = ("q", "k", "v", "gate", "up")
+
+# config.json fields that mark a mixture-of-experts model (experts are not plain decoder linears).
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -92,15 +169,48 @@ def architecture_of(model: nn.Module) -> str:
     return archs[0]
 
 
+def _supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def _moe_field(config: object) -> str | None:
+    for f in MOE_FIELDS:
+        n = getattr(config, f, None)
+        if isinstance(n, int) and n > 0:
+            return f"{f}={n}"
+    return None
+
+
+def found_linears(model: nn.Module) -> tuple[str, list[str]]:
+    """Where a model keeps its decoder layers and the weight matrices of the first one, found by
+    looking (the longest module list), for messages about models the table does not describe."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return "?", []
+    path, layers = max(lists, key=lambda nm: len(nm[1]))
+    names = [n for n, m in layers[0].named_modules()
+             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2]
+    return path, names
+
+
 def arch_spec(model: nn.Module) -> ArchSpec:
+    """The table entry of the model's architecture, checked against its modules; a model the
+    compressor cannot handle is refused here, before any data is read."""
     arch = architecture_of(model)
+    moe = _moe_field(model.config)
+    if moe is not None:
+        raise ModelError(f"{arch} is a mixture-of-experts model (config.json: {moe}); soco-compress compresses "
+                         f"dense decoder-only models only: {_supported()}")
     spec = ARCHITECTURES.get(arch) or ARCHITECTURES.get(type(model).__name__)
     if spec is None:
+        path, names = found_linears(model)
+        layouts = "; ".join(f"{s.describe()} ({', '.join(a for a, x in ARCHITECTURES.items() if x is s)})"
+                            for s in dict.fromkeys(ARCHITECTURES.values()))
         raise ModelError(
-            f"unsupported architecture {arch!r}: soco-compress knows {sorted(ARCHITECTURES)}, whose "
-            f"decoder layers live at '{LLAMA_LIKE.layers}.N' with linears "
-            f"{[s.path for s in LLAMA_LIKE.linears]}"
+            f"unsupported architecture {arch!r}: found decoder layers at '{path}.N' with weight matrices {names}; "
+            f"soco-compress expects one of: {layouts}. Supported architectures: {_supported()}"
         )
+    find_linears(model, spec, arch)
     return spec
 
 
@@ -112,21 +222,29 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return layers  # type: ignore[return-value]
 
 
-def find_linears(model: nn.Module, spec: ArchSpec | None = None) -> list[LinearRef]:
+def find_linears(model: nn.Module, spec: ArchSpec | None = None, arch: str | None = None) -> list[LinearRef]:
     """Every decoder linear layer, in layer order then table order; checks the table matches."""
     spec = spec or arch_spec(model)
+    arch = arch or architecture_of(model)
+
+    def mismatch(what: str) -> ModelError:
+        path, names = found_linears(model)
+        return ModelError(f"{arch}: {what}; the table expects {spec.describe()}, the model has decoder layers at "
+                          f"'{path}.N' with weight matrices {names}. Supported architectures: {_supported()}")
+
+    try:
+        layers = decoder_layers(model, spec)
+    except ModelError:
+        raise mismatch(f"no module {spec.layers!r}") from None
     refs = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
+    for i, layer in enumerate(layers):
         for s in spec.linears:
             try:
                 mod = layer.get_submodule(s.path)
             except AttributeError:
-                raise ModelError(
-                    f"layer {spec.layers}.{i} has no module {s.path!r}; expected linears "
-                    f"{[x.path for x in spec.linears]}"
-                ) from None
+                raise mismatch(f"layer {spec.layers}.{i} has no module {s.path!r}") from None
             if not isinstance(mod, nn.Linear):
-                raise ModelError(f"{spec.layers}.{i}.{s.path} is a {type(mod).__name__}, expected nn.Linear")
+                raise mismatch(f"{spec.layers}.{i}.{s.path} is a {type(mod).__name__}, expected nn.Linear")
             refs.append(LinearRef(f"{spec.layers}.{i}.{s.path}", i, s, mod))
     return refs
 

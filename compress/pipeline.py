@@ -220,7 +220,8 @@ def ratio_dir(output: Path, ratio: float) -> Path:
 def calibration_windows(cfg: CompressConfig, tokenizer: Any) -> torch.Tensor:
     """The calibration text as ``[calib_windows, seq_len]`` token windows (seeded choice)."""
     tokens = data.tokenize_stream(tokenizer, data.load_text(cfg.calib_text, "calibration"))
-    return data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows, cfg.seed)
+    return data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows, cfg.seed,
+                                    prefix=data.window_prefix(tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------

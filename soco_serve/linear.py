@@ -121,11 +121,17 @@ def plan_shrink_parts(segments: list[SegmentSpec]) -> list[ShrinkPart]:
 
 
 class SocoLinearConfig(QuantizationConfig):
-    """Tells vLLM's layers how the checkpoint stores them (built from the manifest, not a file; read only)."""
+    """Tells vLLM's layers how the checkpoint stores them: built from the manifest (and the model
+    class's fused-layer renames), not a file; read only once vLLM has built the model."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, model_class: type | None = None):
         super().__init__()
         self.manifest = manifest
+        # vLLM module name -> the manifest's (checkpoint's) name, where a model renames modules
+        # (filled by vLLM through apply_vllm_mapper while it builds the model)
+        self.hf_names: dict[str, str] = {}
+        if model_class is not None:
+            self.add_stacked_modules(model_class)
 
     # -- QuantizationConfig interface -------------------------------------------------------------
     def get_name(self) -> str:
@@ -154,12 +160,37 @@ class SocoLinearConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         return SocoLowRankLinearMethod(segments)
 
+    def add_stacked_modules(self, model_class: type) -> None:
+        """Fused layers that a model class declares only as a checkpoint rename (StableLM maps
+        ``.q_proj`` to ``.qkv_proj`` shard ``q`` in its ``hf_to_vllm_mapper``, with no
+        ``packed_modules_mapping``) are added to the mapping, in shard order, so their segments are
+        found like any other model's."""
+        mapper = getattr(model_class, "hf_to_vllm_mapper", None)
+        stacked = getattr(mapper, "orig_to_new_stacked", None) or {}
+        fused: dict[str, list[tuple[int, str]]] = {}
+        for orig, (new, shard) in stacked.items():
+            order = QKV_SHARDS[shard] if isinstance(shard, str) else int(shard)
+            fused.setdefault(new.strip("."), []).append((order, orig.strip(".")))
+        for leaf, parts in fused.items():
+            self.packed_modules_mapping.setdefault(leaf, [name for _, name in sorted(parts)])
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        """Models whose module names differ from the checkpoint's pass their rename here (vLLM's
+        Transformers backend calls GPT-NeoX's ``gpt_neox.layers`` ``model.layers``): layers are then
+        found under their vLLM names, while tensors keep the checkpoint's (the model's
+        ``load_weights`` renames those itself)."""
+        for name in self.manifest.linears:
+            mapped = hf_to_vllm_mapper._map_name(weight_name(name))
+            if mapped is not None and mapped != weight_name(name):
+                self.hf_names[mapped.removesuffix(".weight")] = name
+
     # -- manifest lookup ----------------------------------------------------------------------
     def segments_for(self, prefix: str) -> list[SegmentSpec] | None:
         """The manifest entries behind a vLLM layer, in its output order; None if not a decoder linear."""
         parent, _, leaf = prefix.rpartition(".")
         hf_leaves = self.packed_modules_mapping.get(leaf, [leaf])
         names = [f"{parent}.{x}" if parent else x for x in hf_leaves]
+        names = [self.hf_names.get(n, n) for n in names]
         found = [n in self.manifest.linears for n in names]
         if not any(found):
             return None
@@ -194,6 +225,12 @@ class SocoLayerState:
     kernel: LowRankKernel | RowParallelReduce | None = None
     """Picked after loading."""
 
+    def out_sizes(self, layer: LinearBase) -> list[int]:
+        """Per segment, its output rows on this rank: vLLM's ``output_partition_sizes``, or their
+        sum for one segment that the source checkpoint stores fused (Phi-3's ``qkv_proj``)."""
+        sizes = list(layer.output_partition_sizes)
+        return sizes if len(sizes) == len(self.segments) else [sum(sizes)]
+
     def slot(self, j: int) -> tuple[str, int]:
         """Segment ``j``'s shrink rows: its part's attribute and the first row there."""
         for name, part in zip(self.v_names, self.parts):
@@ -208,7 +245,7 @@ class SocoLayerState:
         """Per segment ``U_j [out_j, r_j]`` as views of the loaded flat buffer (None: identity)."""
         us: list[torch.Tensor | None] = []
         offset = 0
-        for s, part, r in zip(self.segments, layer.output_partition_sizes, self.ranks):
+        for s, part, r in zip(self.segments, self.out_sizes(layer), self.ranks):
             if s.identity:
                 us.append(None)
             else:
@@ -226,6 +263,17 @@ class SocoLowRankLinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        # A weight the source checkpoint stores fused (Phi-3's qkv_proj, Falcon's query_key_value) is
+        # one factorization under the fused name (see compress.models.LinearSpec): one segment whose
+        # expand rows cover every output of the vLLM layer, in the layer's order once the model's own
+        # load_weights has reordered them (it does so for parameters that declare their output_dim).
+        source_fused = len(self.segments) == 1 and len(output_partition_sizes) > 1
+        if source_fused:
+            if layer.tp_size > 1:
+                raise CheckpointError(
+                    f"layer {layer.prefix!r}: its weight is fused in the source checkpoint and stored as one "
+                    "factorization, which soco serves without tensor parallelism only (--tensor-parallel-size 1)")
+            output_partition_sizes = [sum(output_partition_sizes)]
         if len(output_partition_sizes) != len(self.segments):
             raise CheckpointError(
                 f"layer {layer.prefix!r}: vLLM splits it into {len(output_partition_sizes)} outputs, the manifest "
@@ -246,7 +294,8 @@ class SocoLowRankLinearMethod(LinearMethodBase):
         u_numel = sum(part * r for s, part, r in zip(self.segments, output_partition_sizes, ranks) if not s.identity)
         u = Parameter(torch.empty(u_numel, dtype=params_dtype), requires_grad=False)
         layer.register_parameter("lowrank_u", u)
-        set_weight_attrs(u, {"weight_loader": functools.partial(self._load_u, layer)})
+        set_weight_attrs(u, {"weight_loader": functools.partial(self._load_u, layer),
+                             **({"output_dim": 0} if source_fused else {})})
 
     @staticmethod
     def new_shrink_param(layer: LinearBase, i: int) -> ModelWeightParameter:
@@ -303,7 +352,7 @@ class SocoLowRankLinearMethod(LinearMethodBase):
         j = self._segment(layer, shard_id)
         seg = st.segments[j]
         self._check(layer, u_name(seg.hf_name), loaded, (seg.entry.out_features, seg.entry.rank))
-        part, rank = layer.output_partition_sizes[j], st.ranks[j]
+        part, rank = st.out_sizes(layer)[j], st.ranks[j]
         if not st.row_parallel:  # this rank's output rows (k/v heads may be replicated)
             shard = layer.tp_rank // layer.num_kv_head_replicas if isinstance(layer, QKVParallelLinear) and j > 0 \
                 else layer.tp_rank

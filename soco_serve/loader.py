@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.model_loader.utils import get_model_architecture, initialize_model
 
 from soco_serve.layout import BASIS_PREFIX, CheckpointError, CheckpointReader
 from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
@@ -103,7 +103,8 @@ class SocoModelLoader(BaseModelLoader):
         # The soco config reaches every layer the way a quantization config does, through the
         # VllmConfig the model class is built with; the engine's own config is left untouched.
         build_config = copy.copy(vllm_config)
-        object.__setattr__(build_config, "quant_config", SocoLinearConfig(reader.manifest))
+        object.__setattr__(build_config, "quant_config",
+                           SocoLinearConfig(reader.manifest, get_model_architecture(model_config)[0]))
         model = initialize_model(vllm_config=build_config, model_config=model_config, prefix=prefix)
         self._reader, self._shrink = reader, ShrinkRegistry(model)
         n_lowrank = sum(isinstance(getattr(m, "quant_method", None), SocoLowRankLinearMethod) for m in model.modules())

@@ -15,15 +15,22 @@ TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_att
 
 def make_tiny_llama(path: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:
     """A random LlamaForCausalLM with the default model's tokenizer, saved to ``path``."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    return make_tiny_model(path, "llama", dtype, seed, **{**TINY, **overrides})
+
+
+def make_tiny_model(path: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                    tokenizer: object = None, **config) -> Path:
+    """A random causal LM of ``model_type`` (a transformers config name) built from ``config``,
+    saved to ``path`` as safetensors with a tokenizer (the default model's unless given)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from compress.models import default_model_dir
 
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
-    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
-                      **{**TINY, **overrides})
+    tok = tokenizer or AutoTokenizer.from_pretrained(default_model_dir())
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=True, **config)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.config.architectures = [type(model).__name__]
     # Random init leaves the norms at 1 and the activations tiny; spread the weights a little so
     # low-rank truncation visibly matters.
     with torch.no_grad():
