@@ -119,6 +119,10 @@ def compress_parser() -> argparse.ArgumentParser:
     s.add_argument("--soco-prior", type=float, default=d.prior,
                    help="rank and push components by score x (sigma / rms sigma of the matrix)^PRIOR; 0 = scores alone")
     s.add_argument("--soco-seed", type=int, default=d.seed, help="seed of the training window order")
+    s.add_argument("--soco-offload", choices=("auto", "on", "off"), default="auto",
+                   help="during training, onload each group of layers (dense weights and factors) for each use "
+                        "(on: memory of one group, slower), or hold them all (off); auto: hold them when they need "
+                        "less than half the available memory")
     r = p.add_argument_group("recovery (distill the kept factors against the dense model, group by group; "
                              "see compress/recover.py)")
     rd = RecoverConfig()
@@ -184,7 +188,8 @@ def cmd_compress(argv: list[str]) -> int:
         force_factorize=a.force_factorize, full_rank=a.full_rank, dtype=a.dtype, calib_text=a.calib_text,
         calib_windows=a.calib_windows, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed,
         evaluate=not a.no_eval, eval_text=a.eval_text, eval_windows=a.eval_windows, force=a.force,
-        max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, restart=a.restart,
+        max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, soco_offload=a.soco_offload,
+        restart=a.restart,
         progress=not a.no_progress,
         recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, holdout=a.recover_holdout),
     )

@@ -15,7 +15,8 @@ from .recover import DEFAULT_STEPS, RecoverConfig, split_holdout
 
 # Fields that change neither the checkpoint nor the run's intermediate results: a run may be
 # resumed with other values of these.
-RUNTIME_FIELDS = ("output", "force", "restart", "progress", "max_shard_bytes", "device", "activations")
+RUNTIME_FIELDS = ("output", "force", "restart", "progress", "max_shard_bytes", "device", "activations",
+                  "soco_offload")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class CompressConfig:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     device: str = "cpu"
     activations: str = "device"  # where the activations wait between layers: device | cpu | disk
+    # soco's training: "on" onloads each group of layers for each use, "off" holds them all, "auto"
+    # holds them when they fit (soco.Stack.fits); the checkpoint is the same either way (tested)
+    soco_offload: str = "auto"
     progress: bool = True
     soco: soco.SocoConfig = field(default_factory=soco.SocoConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -58,6 +62,8 @@ class CompressConfig:
             raise ValueError(f"--coefficient-update must be auto, on or off, got {self.coefficient_update!r}")
         if self.activations not in ("device", "cpu", "disk"):
             raise ValueError(f"--activations must be device, cpu or disk, got {self.activations!r}")
+        if self.soco_offload not in ("auto", "on", "off"):
+            raise ValueError(f"--soco-offload must be auto, on or off, got {self.soco_offload!r}")
         if self.ratios:
             self.ratios = tuple(float(r) for r in self.ratios)
             if len(self.ratios) > 1 and not m.several_ratios:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -373,9 +374,13 @@ class Soco(Method):
                     b.scores.copy_(saved[str(k)])
             log = json.loads(meta["log"])
         else:
-            teacher = soco.teacher_topk(stack, windows, cfg.soco.topk, progress=mw.progress)
-            t_teacher = time.perf_counter() - t0 - t_spectra
-            log = soco.train(stack, windows, teacher, min(cfg.ratio_list), cfg.soco, cfg.force_factorize, mw.progress)
+            hold = cfg.soco_offload == "off" or (cfg.soco_offload == "auto" and stack.fits())
+            with stack.held() if hold else nullcontext(stack) as running:
+                teacher = soco.teacher_topk(running, windows, cfg.soco.topk, progress=mw.progress)
+                t_teacher = time.perf_counter() - t0 - t_spectra
+                log = soco.train(running, windows, teacher, min(cfg.ratio_list), cfg.soco, cfg.force_factorize,
+                                 mw.progress)
+            log["held_in_memory"] = hold
             log.update(seconds=dict(spectra=round(t_spectra, 1), teacher=round(t_teacher, 1),
                                     train=round(time.perf_counter() - t0 - t_spectra - t_teacher, 1)),
                        windows=dict(count=int(windows.shape[0]), seq_len=int(windows.shape[1])),

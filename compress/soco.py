@@ -86,8 +86,12 @@ over the training windows, a group at a time, and only its top-k log-probabiliti
 step (:class:`Stack`) walks the groups forward without a graph, keeping only each group's input,
 then from the head down onloads each group again (dense weights and factors), recomputes it with
 gradients and passes the gradient of its input to the group below: the whole model's gradient
-(tested) for one extra forward pass and two onloads per group and step. The group loop then folds
-each group at the global threshold, so evaluation, recovery and resume work as for every method.
+(tested) for one extra forward pass and two onloads per group and step. Rereading every layer
+twice a step is the price of that bound, so where the model and its factors fit in half of the
+available memory (``--soco-offload auto``, the default; ``on`` and ``off`` force either way) the
+stack holds them for the whole training instead (:meth:`Stack.held`): the same steps and the same
+checkpoint (tested). The group loop then folds each group at the global threshold, so evaluation,
+recovery and resume work as for every method.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,6 +420,32 @@ class Stack:
         per = [[b for b in blocks if b.refs[0].layer in g] for g in groups]
         device = next(model.parameters()).device
         return cls(calibrate.Resident(model, spec), model, spec, groups, per, device)
+
+    def fits(self, share: float = 0.5) -> bool:
+        """Whether holding every layer and factor in memory needs less than ``share`` of the memory
+        available now (``/proc/meminfo``): then training need not reread them every step."""
+        need = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.factors:
+            need += sum(p.stat().st_size for p in self.factors.paths)
+        try:
+            with open("/proc/meminfo") as f:
+                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return False
+        return need < share * avail
+
+    @contextmanager
+    def held(self) -> Iterator["Stack"]:
+        """This stack with every group, its factors and the outer modules onloaded once for the
+        duration: the same steps without the per-step reads, for models that fit in memory."""
+        with ExitStack() as stack:
+            stack.enter_context(self.layers.outer())
+            stack.enter_context(self.layers.loaded([i for g in self.groups for i in g]))
+            if self.factors:
+                for g in range(len(self.groups)):
+                    stack.enter_context(self.factors.loaded(g))
+            yield Stack(calibrate.Resident(self.model, self.spec), self.model, self.spec, self.groups, self.blocks,
+                        self.device)
 
     @property
     def all_blocks(self) -> list[Block]:

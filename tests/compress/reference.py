@@ -4,7 +4,6 @@ same factors (tests/compress/test_streaming.py)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,21 +24,6 @@ def collect_grams(model, refs, windows, batch_size=4) -> calibrate.GramSet:
         for h in handles:
             h.remove()
     return grams
-
-
-class InMemory(calibrate.LayerSource):
-    """A fully loaded model seen through the load stage's interface."""
-
-    def __init__(self, model, spec):
-        self.model, self.spec = model, spec
-
-    @contextmanager
-    def loaded(self, layers):
-        yield [models.decoder_layers(self.model, self.spec)[i] for i in layers]
-
-    @contextmanager
-    def outer(self):
-        yield
 
 
 def load(path: Path):

@@ -37,7 +37,7 @@ def test_fisher_is_the_summed_squared_gradient_per_row(tiny_llama, tmp_path):
     for p in model.parameters():
         p.requires_grad_(False)
     inputs = calibrate.layer_inputs(model, spec, windows, 2)
-    fisher = calibrate.collect_fisher(reference.InMemory(model, spec), model, spec, refs, windows, inputs,
+    fisher = calibrate.collect_fisher(calibrate.Resident(model, spec), model, spec, refs, windows, inputs,
                                       lambda i: tmp_path / f"act-{i}.pt", progress=False)
     assert not any(p.requires_grad for p in model.parameters())  # left as found
     assert not list(tmp_path.glob("act-*.pt"))  # the spilled activations are removed

@@ -87,6 +87,16 @@ def test_statistics_memory_is_one_group(tiny_llama, text_file, tmp_path):
         assert all(g["stat_bytes"] == 0 for g in report["memory"]["per_group"])  # freed after each group
 
 
+def test_soco_onloaded_a_group_at_a_time_trains_exactly_like_held_in_memory(tiny_llama, text_file, tmp_path):
+    args = ["--method", "soco", "--ratio", "0.4", *SOCO, "--group-size", "2"]
+    held = _compress(tiny_llama, tmp_path / "held", *args, "--soco-offload", "off", text=text_file)
+    onloaded = _compress(tiny_llama, tmp_path / "onloaded", *args, "--soco-offload", "on", text=text_file)
+    assert _files(onloaded) == _files(held)
+    logs = [json.loads((d / "report.json").read_text())["soco"] for d in (held, onloaded)]
+    assert [log["held_in_memory"] for log in logs] == [True, False]
+    assert logs[0]["history"] == logs[1]["history"]
+
+
 def test_only_the_registry_names_a_method():
     names = "|".join(re.escape(n) for n in methods.REGISTRY)
     quoted = re.compile(rf"""["']({names})["']""")
@@ -132,7 +142,8 @@ RECOVER = ["--recover-steps", "6", "--calib-windows", "8", "--batch-size", "2"]
 @pytest.mark.parametrize("method,args,stage", [
     *[(m, [], s) for m in ("basis-sharing", "fwsvd") for s in STAGES],
     *[(m, RECOVER, s) for m in ("svd-llm", "basis-sharing") for s in ("recover", "after-group")],
-    *[("soco", [*SOCO, "--group-size", "2"], s) for s in ("spectra", "train", "decompose", "after-group")],
+    *[("soco", [*SOCO, "--group-size", "2", "--soco-offload", "on"], s)
+      for s in ("spectra", "train", "decompose", "after-group")],
 ])
 def test_a_run_killed_at_any_stage_resumes_to_the_same_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch,
                                                                   method, args, stage):
