@@ -1,13 +1,14 @@
-"""Start and stop a real ``vllm serve`` on 127.0.0.1 (the demo, the tests and the benchmarks use it).
+"""Start and stop a real ``vllm serve`` on 127.0.0.1: a harness for scripts, tests and benchmarks
+(the demo, the server tests, ``benchmarks/serving.py``), not part of the plugin.
 
-CPU defaults, and why (measured on 2-core x86_64 machines, see the platform notes):
+CPU defaults, and why (the figures are in the platform notes and docs/results.md):
 
-* ``--dtype float32``: no native bf16 on such CPUs; float32 decodes about 3x faster;
-* ``--enforce-eager``: torch.compile adds 30 s or more to start-up, which the tests and the demo
-  (a handful of requests) never win back; for throughput drop it (vLLM's compiled mode decodes
-  2-3x faster on CPU; ``benchmarks/serving.py`` does);
+* ``--dtype float32``: such CPUs have no native bf16, and float32 decodes faster there;
+* ``--enforce-eager``: torch.compile adds to start-up what a handful of requests (the tests, the
+  demo) never win back; for throughput drop it (vLLM's compiled mode decodes faster on CPU;
+  ``benchmarks/serving.py`` does);
 * ``--kv-cache-memory-bytes 256M --max-model-len 4096``: a fixed, small KV cache (vLLM refuses to
-  start when one request of the full context would not fit: SmolLM2 at 8192 tokens needs 0.35 GiB);
+  start when one request of the full context would not fit);
 * ``--distributed-executor-backend uni`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one process;
 * ``VLLM_HOST_IP=127.0.0.1``: otherwise vLLM's internal queue binds a non-loopback address.
 """
