@@ -169,7 +169,7 @@ class SocoLinearConfig(QuantizationConfig):
         stacked = getattr(mapper, "orig_to_new_stacked", None) or {}
         fused: dict[str, list[tuple[int, str]]] = {}
         for orig, (new, shard) in stacked.items():
-            order = QKV_SHARDS[shard] if isinstance(shard, str) else int(shard)
+            order = QKV_SHARDS.index(shard) if isinstance(shard, str) else int(shard)
             fused.setdefault(new.strip("."), []).append((order, orig.strip(".")))
         for leaf, parts in fused.items():
             self.packed_modules_mapping.setdefault(leaf, [name for _, name in sorted(parts)])
