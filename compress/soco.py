@@ -383,19 +383,26 @@ def save_blocks(path: Path, blocks: list[Block], damping: dict[str, float]) -> N
 def load_blocks(path: Path, refs: list[models.LinearRef],
                 device: torch.device) -> tuple[list[Block], dict[str, float]]:
     """The blocks :func:`save_blocks` wrote, factors left on the meta device (:class:`FactorFiles`
-    onloads them), scores at 1."""
-    from .workdir import load_tensors
+    onloads them), scores at 1. Only the spectra and priors are read; the factors' shapes come
+    from the file's header."""
+    from safetensors import safe_open
 
-    tensors, meta = load_tensors(path)
+    def meta_like(f: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(f.get_slice(key).get_shape(), dtype=dtype, device="meta")
+
     by_name = {r.name: r for r in refs}
     blocks = []
-    for k, m in enumerate(json.loads(meta["blocks"])):
-        sigma, v = tensors[f"{k}.sigma"], tensors[f"{k}.v"]
-        blocks.append(Block([by_name[n] for n in m["refs"]], m["basis_id"], sigma.to(device), v.to("meta"),
-                            [tensors[f"{k}.u{j}"].to("meta") for j in range(len(m["refs"]))],
-                            torch.ones(len(m["refs"]), sigma.numel(), dtype=sigma.dtype, device=device,
-                                       requires_grad=True),
-                            prior=tensors[f"{k}.prior"].to(device) if f"{k}.prior" in tensors else None))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        names = set(f.keys())
+        for k, m in enumerate(json.loads(meta["blocks"])):
+            sigma = f.get_tensor(f"{k}.sigma")
+            blocks.append(Block([by_name[n] for n in m["refs"]], m["basis_id"], sigma.to(device),
+                                meta_like(f, f"{k}.v", sigma.dtype),
+                                [meta_like(f, f"{k}.u{j}", sigma.dtype) for j in range(len(m["refs"]))],
+                                torch.ones(len(m["refs"]), sigma.numel(), dtype=sigma.dtype, device=device,
+                                           requires_grad=True),
+                                prior=f.get_tensor(f"{k}.prior").to(device) if f"{k}.prior" in names else None))
     return blocks, json.loads(meta["damping"])
 
 
