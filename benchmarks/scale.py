@@ -138,6 +138,7 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
     res = compress_subprocess(code, [str(model), "-o", str(out), "--method", method, "--ratio", str(a.ratio),
                                      "--calib-windows", str(a.calib_windows), "--seq-len", str(a.seq_len),
                                      "--no-eval", "--no-progress",
+                                     *(["--soco-steps", str(a.soco_steps)] if method == "soco" else []),
                                      # the decomposition's memory and time, without the recovery stage
                                      # (older compressors, --baseline, have none)
                                      *(["--recover-steps", "0"] if (code / "compress" / "recover.py").exists() else [])])
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--soco-steps", type=int, default=24,
+                   help="soco's training steps (its per-step cost is measured by benchmarks/soco_step.py; the scale "
+                        "cells measure memory and the decomposition, so a few steps suffice)")
     p.add_argument("--baseline", default=None, help="a commit whose compressor runs beside (a git worktree)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SOCO_SCALE_CACHE", "/tmp/soco-scale")),
                    help="where the random models are kept")
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"scale_{a.name}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     res.update(device=device_name(torch.device("cpu")), ratio=a.ratio, calib_windows=a.calib_windows,
-               seq_len=a.seq_len, dtype=a.dtype, shapes={k: SHAPES[k] for k in a.shapes.split(",")})
+               seq_len=a.seq_len, dtype=a.dtype)
+    res.setdefault("shapes", {}).update({k: SHAPES[k] for k in a.shapes.split(",")})
     cells = res.setdefault("cells", {})
     codes = {"streaming": ROOT}
     if a.baseline:
