@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """The decoder's linear layers on a CPU: dense oneDNN against low-rank oneDNN and the fused kernel.
 
-    .venv/bin/python benchmarks/cpu_kernel_bench.py                    # SmolLM2-135M shapes, ratio 0.5
-    .venv/bin/python benchmarks/cpu_kernel_bench.py --ratio 0.3 --tokens 1,8,128
-    .venv/bin/python benchmarks/cpu_kernel_bench.py --parts --tokens 1,2,4,8,16,32,64,128 --name parts
+    .venv/bin/python -m benchmarks.cpu_kernel_bench                    # SmolLM2-135M shapes, ratio 0.5
+    .venv/bin/python -m benchmarks.cpu_kernel_bench --ratio 0.3 --tokens 1,8,128
+    .venv/bin/python -m benchmarks.cpu_kernel_bench --parts --tokens 1,2,4,8,16,32,64,128 --name parts
 
 One forward through the linear layers of every decoder layer of SmolLM2-135M (30 x fused qkv,
 o, fused gate_up, down: 425 MB of float32 weights, far more than the caches, as in a real step),
 for each token count, three ways, side by side in one process (timed in turns, see
-``kernels.benchmarking.time_ms_interleaved``):
+``benchmarks.measure.time_ms_interleaved``):
 
   dense           vLLM's dense CPU path: each weight prepacked once for oneDNN (``onednn_mm``)
   onednn_lowrank  the low-rank factors each prepacked for oneDNN: one shrink, one expand per
@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from kernels import cpu_lowrank  # noqa: E402
-from kernels.benchmarking import (  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
     DEFAULT_RESULTS_DIR,
     environment,
     lowrank_for_ratio,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import check_inputs, lowrank_forward  # noqa: E402
-from kernels.benchmarking import (  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
     add_common_args,
     environment,
     lowrank_for_ratio,

@@ -30,7 +30,7 @@ step() {  # step SECONDS COMMAND...: run with a time limit, report its exit stat
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     step 240 "$py" -m pytest -q -ra -p no:cacheprovider tests/kernels/test_triton_gpu.py tests/kernels/test_lowrank_ops.py \
         --junitxml "$out/gpu_tests.xml"
-    step 150 "$py" benchmarks/kernel_bench.py --models smollm2-135m $quick --out-dir "$out/kernel_smollm2"
-    step 150 "$py" benchmarks/kernel_bench.py --models llama-7b $quick --out-dir "$out/kernel_llama7b"
-    step 180 "$py" benchmarks/decode_bench.py --llama-layers 8 $quick --out-dir "$out"
+    step 150 "$py" -m benchmarks.kernel_bench --models smollm2-135m $quick --out-dir "$out/kernel_smollm2"
+    step 150 "$py" -m benchmarks.kernel_bench --models llama-7b $quick --out-dir "$out/kernel_llama7b"
+    step 180 "$py" -m benchmarks.decode_bench --llama-layers 8 $quick --out-dir "$out"
 } 2>&1 | tee "$out/gpu_suite.log"

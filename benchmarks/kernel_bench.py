@@ -34,17 +34,15 @@ vs tokens, one panel per shape, dashed = ideal).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import lowrank_forward, lowrank_forward_torch  # noqa: E402
-from kernels.benchmarking import (  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
     LowRankWeights,
     add_common_args,
     environment,

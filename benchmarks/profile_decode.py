@@ -1,7 +1,7 @@
 """Where a decode step's time goes in vLLM on this machine: dense against soco checkpoints.
 
-    .venv/bin/python benchmarks/profile_decode.py runs/serving/basis-sharing-0.5      # + the dense model
-    .venv/bin/python benchmarks/profile_decode.py CKPT1 CKPT2 --batch 8 --tokens 64
+    .venv/bin/python -m benchmarks.profile_decode runs/serving/basis-sharing-0.5      # + the dense model
+    .venv/bin/python -m benchmarks.profile_decode CKPT1 CKPT2 --batch 8 --tokens 64
 
 Each model runs in its own process through vLLM's offline ``LLM`` (same flags as the server,
 model in-process), generates ``--tokens`` tokens for ``--batch`` prompts once to warm up, once
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from soco_serve.server import CPU_ENV  # noqa: E402
 

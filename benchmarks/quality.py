@@ -1,9 +1,9 @@
 """Perplexity against compression ratio, every method side by side on the same data.
 
-    .venv/bin/python benchmarks/quality.py                       # default model and text
-    .venv/bin/python benchmarks/quality.py --methods svd-llm --ratios 0.3,0.5
-    .venv/bin/python benchmarks/quality.py --methods svd-llm,basis-sharing,soco,soco-shared,soco-onerun
-    .venv/bin/python benchmarks/quality.py --eval-text my_domain.txt --name mydomain
+    .venv/bin/python -m benchmarks.quality                       # default model and text
+    .venv/bin/python -m benchmarks.quality --methods svd-llm --ratios 0.3,0.5
+    .venv/bin/python -m benchmarks.quality --methods svd-llm,basis-sharing,soco,soco-shared,soco-onerun
+    .venv/bin/python -m benchmarks.quality --eval-text my_domain.txt --name mydomain
 
 Every (method, ratio) cell is one run of the compressor (``compress.pipeline.run``, the code
 path of ``soco-compress``) on the same calibration windows and seed, written to a temporary
@@ -39,7 +39,6 @@ from typing import NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compress import data, evaluate, models  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
@@ -48,7 +47,7 @@ from compress.methods import REGISTRY  # noqa: E402
 from compress.pipeline import ratio_dir, run  # noqa: E402
 from compress.recover import DEFAULT_STEPS, RecoverConfig  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
-from kernels.benchmarking import device_name  # noqa: E402
+from benchmarks.measure import device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,6 +1,6 @@
 """A real pretrained model end to end: compress with the streaming pipeline, serve, ask.
 
-    .venv/bin/python benchmarks/real_model.py /work/models/qwen2.5-coder-1.5b-instruct \\
+    .venv/bin/python -m benchmarks.real_model /work/models/qwen2.5-coder-1.5b-instruct \\
         --name qwen2.5-coder-1.5b --cells svd-llm@0.2,svd-llm@0.3 --calib-windows 16 --eval-windows 8
 
 For each ``method@ratio`` cell: ``soco-compress`` in a fresh process (peak RSS, seconds per stage
@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scale import compress_subprocess  # noqa: E402
+from benchmarks.scale import compress_subprocess  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUESTIONS = {
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from kernels.benchmarking import device_name
+    from benchmarks.measure import device_name
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"real_{a.name}.json"

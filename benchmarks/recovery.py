@@ -1,6 +1,6 @@
 """What recovery buys per minute: local (the compressor's stage) against end to end.
 
-    .venv/bin/python benchmarks/recovery.py --method svd-llm --ratio 0.3 --local-steps 0,20,50 --e2e-steps 300
+    .venv/bin/python -m benchmarks.recovery --method svd-llm --ratio 0.3 --local-steps 0,20,50 --e2e-steps 300
 
 Both start from the same truncation and train the same tensors (``U``, ``V``, shared bases, the
 matrices kept dense) on the same calibration windows, with the same held-out split:
@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from compress import data, evaluate, models, soco  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
 from compress.hf_loader import load_soco_model  # noqa: E402
 from compress.pipeline import calibration_windows, run  # noqa: E402
 from compress.recover import RecoverConfig, distill, trainable  # noqa: E402
-from kernels.benchmarking import device_name  # noqa: E402
+from benchmarks.measure import device_name  # noqa: E402
 from soco_serve.layout import CheckpointReader  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

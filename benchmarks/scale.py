@@ -1,8 +1,8 @@
 """Peak memory and time of the streaming compressor against model depth, on real layer shapes.
 
-    .venv/bin/python benchmarks/scale.py                                  # the default cells
-    .venv/bin/python benchmarks/scale.py --shapes llama3-8b --layers 1,2,4 --methods svd-llm
-    .venv/bin/python benchmarks/scale.py --baseline d335831               # today's pipeline beside it
+    .venv/bin/python -m benchmarks.scale                                  # the default cells
+    .venv/bin/python -m benchmarks.scale --shapes llama3-8b --layers 1,2,4 --methods svd-llm
+    .venv/bin/python -m benchmarks.scale --baseline d335831               # today's pipeline beside it
 
 Each model is a random-weight causal LM with the hidden size, intermediate size and head counts of
 a real one (:data:`SHAPES`) and a small vocabulary (a byte-level BPE of 1024 tokens trained on
@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # hidden, intermediate, attention heads, KV heads (the models' config.json)
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the random models are kept")
     p.add_argument("--name", default="cpu")
     a = p.parse_args(argv)
-    from kernels.benchmarking import device_name
+    from benchmarks.measure import device_name
     import torch
 
     a.cache.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Serving throughput, dense against soco checkpoints, side by side in one run on one machine.
 
-    .venv/bin/python benchmarks/serving.py          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
-    .venv/bin/python benchmarks/serving.py --methods basis-sharing --ratios 0.5 --concurrency 1,8
-    .venv/bin/python benchmarks/serving.py --methods soco,soco-shared --ratios 0.5   # learned ranks
-    .venv/bin/python benchmarks/serving.py --methods soco-onerun,soco-shared-onerun  # 0.2-0.5, one training run each
+    .venv/bin/python -m benchmarks.serving          # svd-llm and basis-sharing at 0.2-0.5; concurrency 1, 8, 32
+    .venv/bin/python -m benchmarks.serving --methods basis-sharing --ratios 0.5 --concurrency 1,8
+    .venv/bin/python -m benchmarks.serving --methods soco,soco-shared --ratios 0.5   # learned ranks
+    .venv/bin/python -m benchmarks.serving --methods soco-onerun,soco-shared-onerun  # 0.2-0.5, one training run each
 
 Each model (the dense default model first, then one soco checkpoint per method and ratio, made
 with ``soco-compress`` unless it already exists under ``--ckpt-dir``) is served in turn
@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import BENCH_METHODS  # noqa: E402
 from soco_serve.layout import read_manifest  # noqa: E402
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append((f"{method}@{ratio}", "soco", path))
     import torch
 
-    from kernels.benchmarking import device_name
+    from benchmarks.measure import device_name
 
     results = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "platform": platform.platform(), "device": device_name(torch.device("cpu")),

@@ -2,7 +2,7 @@
 layered step (:class:`compress.soco.Stack`), interleaved in one process so that the machine's
 noise hits both alike.
 
-    .venv/bin/python benchmarks/soco_step.py                 # the default model, 6 rounds
+    .venv/bin/python -m benchmarks.soco_step                 # the default model, 6 rounds
 
 Three ways to take the same step (the same scores, window and teacher):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,12 +33,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
 
 from compress import calibrate, data, models, soco  # noqa: E402
 from compress.pipeline import Onloader  # noqa: E402
 from compress.source import Source  # noqa: E402
-from kernels.benchmarking import device_name  # noqa: E402
+from benchmarks.measure import device_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

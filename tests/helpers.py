@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -44,14 +44,8 @@ def make_tiny_model(path: Path, model_type: str, dtype: torch.dtype = torch.floa
 
 
 def import_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a fresh module (the scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks.<name>``, imported as a package module like ``python -m benchmarks.<name>`` runs it."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def load_benchmark(name: str, results, monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("compress", "kernels", "soco_serve")
+PACKAGES = ("benchmarks", "compress", "kernels", "soco_serve")
 
 
 def project_modules() -> list[str]:

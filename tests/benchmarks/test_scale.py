@@ -1,17 +1,13 @@
 """benchmarks/scale.py end to end on a tiny shape: random models built shard by shard, one
 compression per depth in its own process, peak RSS and seconds per group recorded, cached."""
 
-import importlib.util
 import json
-from pathlib import Path
+
+from tests.helpers import load_benchmark
 
 
 def test_scale_cells_record_memory_and_groups(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "scale_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py")
-    scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale)
-    monkeypatch.setattr(scale, "RESULTS", tmp_path / "results")
+    scale = load_benchmark("scale", tmp_path / "results", monkeypatch)
     monkeypatch.setitem(scale.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                    num_key_value_heads=2))
     argv = ["--shapes", "tiny", "--layers", "1,2", "--calib-windows", "2", "--seq-len", "32",

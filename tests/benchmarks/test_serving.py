@@ -4,22 +4,17 @@ The serving run itself (servers, ``vllm bench serve``) is the benchmark; the ser
 tested in ``tests/soco_serve/test_server.py``.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from compress.cli import compress_parser
+from tests.helpers import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def serving():
-    spec = importlib.util.spec_from_file_location(
-        "serving_bench", Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_benchmark("serving")
 
 
 @pytest.mark.parametrize("row,method,group_size,update,small_calibration", [

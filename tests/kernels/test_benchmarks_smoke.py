@@ -23,7 +23,7 @@ def test_quick_mode_writes_results(script, extra, tmp_path, capsys):
 
 
 def test_cpu_name_tells_cpu_families_apart():
-    from kernels.benchmarking import cpu_name
+    from benchmarks.measure import cpu_name
 
     info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
     assert cpu_name(info.format(25)) == "CPU AMD EPYC (family 25)"
@@ -33,7 +33,7 @@ def test_cpu_name_tells_cpu_families_apart():
 
 def test_interleaved_timer_takes_turns():
     """Every function is warmed up once, then called once per round, in an order rotated per round."""
-    from kernels.benchmarking import time_ms_interleaved
+    from benchmarks.measure import time_ms_interleaved
 
     order: list[str] = []
     ms = time_ms_interleaved({name: (lambda n=name: order.append(n)) for name in "abc"}, reps=3)

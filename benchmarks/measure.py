@@ -1,8 +1,8 @@
-"""Helpers shared by ``benchmarks/kernel_bench.py`` and ``benchmarks/decode_bench.py``.
+"""Helpers shared by the benchmarks.
 
 Rank choice, random low-rank layers, timing (Triton's ``do_bench`` on CUDA, a median timer on
-CPU), device naming and result files live here once, so the two scripts only describe what
-they measure.
+CPU), device naming and result files live here once, so each benchmark only describes what it
+measures.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .segments import PackedExpand, pack_expand
+from kernels.segments import PackedExpand, pack_expand
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
