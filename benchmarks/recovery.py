@@ -6,7 +6,8 @@ Both start from the same truncation and train the same tensors (``U``, ``V``, sh
 matrices kept dense) on the same calibration windows, with the same held-out split:
 
 * ``local@N``: one ``soco-compress --recover-steps N`` run (group by group against the dense
-  group's outputs, memory bounded by one group): its perplexity and recovery seconds;
+  group's outputs, memory bounded by one group): its perplexity and recovery seconds; with
+  ``--local-lr 5e-4,1e-3`` one cell per steps and rate, keyed ``local@N lr=R`` off the default rate;
 * ``e2e``: the ``local@0`` checkpoint loaded whole with transformers and trained against the
   dense model's next-token distribution (top-k KL, :func:`compress.soco.topk_kl`), the training
   loop of the compressor's stage (:func:`compress.recover.distill`); perplexity on the evaluation
@@ -59,6 +60,11 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, windows: dict[str, to
     return cell
 
 
+def local_key(steps: int, lr: float) -> str:
+    """``local@STEPS`` at the default learning rate (the committed files' keys), else ``local@STEPS lr=LR``."""
+    return f"local@{steps}" if lr == RecoverConfig.lr or not steps else f"local@{steps} lr={lr:g}"
+
+
 def e2e_settings(a: argparse.Namespace) -> dict:
     return {"steps": a.e2e_steps, "lr": a.e2e_lr, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
             "check_every": a.check_every, "patience": a.patience}
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=CompressConfig.seq_len)
     p.add_argument("--eval-windows", type=int, default=CompressConfig.eval_windows)
     p.add_argument("--local-steps", default="0,20,50", help="--recover-steps of the local cells")
-    p.add_argument("--local-lr", type=float, default=RecoverConfig.lr)
+    p.add_argument("--local-lr", default=str(RecoverConfig.lr),
+                   help="learning rates of the local cells, comma-separated: one cell per steps and rate")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
@@ -147,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(res, indent=2) + "\n")
     save()
     for steps in sorted({0, *(int(s) for s in a.local_steps.split(",") if s)}):
-        key = f"local@{steps}"
-        if key not in cells or (steps and cells[key].get("lr") != a.local_lr):
-            print(f"== {key}", flush=True)
-            cells[key] = {**local_cell(cfg, steps, a.local_lr, windows), "lr": a.local_lr}
-            save()
-        print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
+        for lr in [float(x) for x in a.local_lr.split(",")] if steps else [RecoverConfig.lr]:
+            key = local_key(steps, lr)
+            if key not in cells or (steps and cells[key].get("lr") != lr):
+                print(f"== {key}", flush=True)
+                cells[key] = {**local_cell(cfg, steps, lr, windows), "lr": lr}
+                save()
+            print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
     cached = {k: v for k, v in cells.get("e2e", {}).get("settings", {}).items() if k != "windows"}
     if a.e2e_steps and cached != e2e_settings(a):
         print("== e2e", flush=True)
@@ -170,14 +178,18 @@ def plot(res: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
-    local = sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items() if k.startswith("local@"))
+    # one line per learning rate, each starting from the truncation (local@0)
+    lrs = sorted({c["lr"] for k, c in cells.items() if k.startswith("local@") and k != "local@0"} or {RecoverConfig.lr})
+    lines = {lr: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
+                        if k == "local@0" or (k.startswith("local@") and c.get("lr") == lr)) for lr in lrs}
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        if local:
+        for lr, local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
-                    label="local (group by group)")
+                    label=f"local (group by group), lr {lr:g}")
             for s, c, k in local:
-                ax.annotate(k.split("@")[1], (s / 60, c[field]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
+                            xytext=(3, 3))
         if "e2e" in cells:
             curve = cells["e2e"]["curve"]
             ax.plot([c["seconds"] / 60 for c in curve], [c[field] for c in curve], marker=".", label="end to end")

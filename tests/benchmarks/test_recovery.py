@@ -29,3 +29,26 @@ def test_local_and_end_to_end_cells(bench, tiny_llama, tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(argv) == 0  # everything cached: no compressor run
     assert "== " not in capsys.readouterr().out
+
+
+
+def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path, capsys, monkeypatch):
+    """The sweep's bookkeeping (the compressor runs are the first test's): one cell per steps and
+    rate, the default rate under the committed files' keys, every cell cached."""
+    calls = []
+
+    def local_cell(cfg, steps, lr, windows):
+        calls.append((steps, lr))
+        return {"ppl": 100.0 - steps - 1e3 * lr, "ppl_other": 200.0, "recover_seconds": steps * 1.0}
+    monkeypatch.setattr(bench, "local_cell", local_cell)
+    argv = ["--model", str(tiny_llama), "--local-steps", "4", "--eval-windows", "2", "--seq-len", "64",
+            "--e2e-steps", "0", "--name", "t", "--work", str(tmp_path / "w")]
+    assert bench.main([*argv, "--local-lr", "5e-4,2e-3"]) == 0
+    assert calls == [(0, 5e-4), (4, 5e-4), (4, 2e-3)]
+    cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
+    assert set(cells) == {"local@0", "local@4", "local@4 lr=0.002"}
+    assert cells["local@4"]["lr"] == 5e-4 and cells["local@4 lr=0.002"]["lr"] == 2e-3
+    assert (tmp_path / "recovery_t.png").stat().st_size > 1000
+    assert bench.main([*argv, "--local-lr", "2e-3"]) == 0  # cached, and the default-rate cell is kept
+    assert len(calls) == 3
+    assert set(json.loads((tmp_path / "recovery_t.json").read_text())["cells"]) == set(cells)
