@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import CheckpointWriter, Manifest
 
 from . import calibrate, data, evaluate, methods, models, recover
 from .calibrate import LayerInput
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
 from .factors import Decomposition
-from .hf_loader import lowrank_modules, swapped
 from .source import Source
 from .workdir import WorkDir
 

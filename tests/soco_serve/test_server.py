@@ -118,7 +118,7 @@ def test_full_rank_checkpoint_serves_exactly_the_dense_model(full_rank_ckpt, tmp
 def test_compressed_checkpoint_behind_the_openai_api(bs03_ckpt, tmp_path):
     from transformers import AutoTokenizer
 
-    from compress.hf_loader import load_soco_model
+    from soco_serve.hf import load_soco_model
 
     log = tmp_path / "bs.log"
     with VllmServer(bs03_ckpt, log_path=log) as s:

@@ -1,8 +1,8 @@
 """Build a transformers model with low-rank linear layers from the soco layout.
 
-Used by ``soco-compress eval``, by the compressor itself (the coefficient update and evaluation
-run on the very modules a checkpoint describes), by the tests, and by anyone who wants the
-compressed model without vLLM. A shared basis is one ``nn.Parameter`` referenced by every layer
+Part of the serving package (it needs nothing from the compressor). Used by ``soco-compress
+eval``, by the compressor itself (the coefficient update and evaluation run on the very modules a
+checkpoint describes), by the tests, and by anyone who wants the compressed model without vLLM. A shared basis is one ``nn.Parameter`` referenced by every layer
 of its group, so it is held once.
 """
 
@@ -141,14 +141,3 @@ def load_soco_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, devi
     if missing:
         raise CheckpointError(f"{ckpt_dir}: tensors missing from the checkpoint: {missing[:5]}")
     return model.to(device).eval()
-
-
-def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
-    """A soco checkpoint through :func:`load_soco_model`, a dense folder through transformers."""
-    from soco_serve.layout import is_soco_checkpoint
-
-    if is_soco_checkpoint(path):
-        return load_soco_model(path, dtype, device)
-    from .models import load_model
-
-    return load_model(str(path), dtype, device)[0]
