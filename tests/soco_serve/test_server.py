@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from compress.models import default_model_dir
-from soco_serve.layout import INDEX_FILE, MANIFEST_FILE, CheckpointReader
+from soco_serve.layout import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, CheckpointReader
 from soco_serve.server import CPU_FLAGS, VllmServer
 from tests.helpers import make_tiny_llama
 
@@ -246,9 +246,9 @@ def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
     if how == "dense-folder":
         return default_model_dir(), "not a soco checkpoint"
     if how == "version":
-        manifest["format_version"] = 2
+        manifest["format_version"] = FORMAT_VERSION + 1
         (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
-        return dst, "unknown format_version 2"
+        return dst, f"unknown format_version {FORMAT_VERSION + 1}"
     if how == "basis":
         shared = next(n for n, e in manifest["linears"].items() if e["kind"] == "shared")
         manifest["linears"][shared]["basis"] = "no-such-basis"
