@@ -22,7 +22,7 @@ import torch
 from compress.models import default_model_dir
 from soco_serve.layout import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, CheckpointReader
 from soco_serve.server import CPU_FLAGS, VllmServer
-from tests.helpers import make_tiny_llama
+from tests.helpers import as_format_1, make_tiny_llama
 
 pytestmark = pytest.mark.server
 
@@ -231,6 +231,24 @@ def test_pipeline_parallel_2_matches_one_process(tiny_bs_ckpt, tiny_one_process,
     got = greedy_in_two_processes(tiny_bs_ckpt, "--pipeline-parallel-size", tmp_path / "pp2.log",
                                   drop=("--enforce-eager",))
     assert_same_greedy(ref, got)
+
+
+def test_format_1_checkpoint_serves_as_before(tiny_bs_ckpt, tiny_one_process, tmp_path):
+    """A checkpoint of format 1 (no quantization_config in config.json) serves as the same one of format 2."""
+    v1 = as_format_1(tiny_bs_ckpt, tmp_path / "v1")
+    with VllmServer(v1, log_path=tmp_path / "v1.log") as s:
+        got = greedy(s, PROMPTS[:3], 12, logprobs=1)
+    assert_same_greedy(tiny_one_process[0], got)
+
+
+def test_without_load_format_soco_vllm_stops_at_once_and_says_why(tiny_bs_ckpt, tmp_path):
+    """Plain ``vllm serve DIR``: config.json's quantization_config makes vLLM accept the checkpoint,
+    and the default loader is stopped while it builds the model, before it reads a weight."""
+    server = VllmServer(tiny_bs_ckpt, load_format=None, log_path=tmp_path / "auto.log").launch()
+    assert server.wait_exit() != 0
+    log = server.log()
+    assert f"serve it with `vllm serve {tiny_bs_ckpt} --load-format soco`" in log, log[-3000:]
+    assert "Loading weights took" not in log
 
 
 def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
