@@ -42,12 +42,12 @@ import torch
 
 from compress import data, evaluate, models  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
-from compress.hf_loader import load_soco_model  # noqa: E402
 from compress.methods import REGISTRY  # noqa: E402
 from compress.pipeline import ratio_dir, run  # noqa: E402
 from compress.recover import DEFAULT_STEPS, RecoverConfig  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
 from benchmarks.measure import device_name  # noqa: E402
+from soco_serve.hf import load_soco_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

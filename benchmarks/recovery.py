@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from compress import data, evaluate, models, soco  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
-from compress.hf_loader import load_soco_model  # noqa: E402
 from compress.pipeline import calibration_windows, run  # noqa: E402
 from compress.recover import RecoverConfig, distill, trainable  # noqa: E402
 from benchmarks.measure import device_name  # noqa: E402
+from soco_serve.hf import load_soco_model  # noqa: E402
 from soco_serve.layout import CheckpointReader  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

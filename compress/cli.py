@@ -204,7 +204,7 @@ def cmd_eval(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from .evaluate import perplexity
-    from .hf_loader import load_any
+    from .models import load_any
 
     a = eval_parser().parse_args(argv)
     if not a.dir.is_dir():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import BasisEntry, LinearEntry, basis_name, bias_name, u_name, v_name, weight_name
 
 from . import allocate, calibrate, decompose, soco
@@ -282,8 +283,6 @@ class BasisSharing(Method):
         """Layer by layer: the compressed layer runs on the compressed inputs, its shared
         coefficients are refit to the Gram matrices of what it actually receives, and the refit
         layer produces the next layer's inputs."""
-        from .hf_loader import lowrank_modules, swapped
-
         compute = work.compute_dtype
         for i in work.layers:
             mine = [r for r in work.refs if r.layer == i]

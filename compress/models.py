@@ -335,3 +335,14 @@ def load_model(source: str | Path | None, dtype: torch.dtype | None = None,
     model.to(device).eval()
     arch_spec(model)  # fail early on unsupported architectures
     return model, tok, resolved
+
+
+def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+    """A soco checkpoint through :func:`soco_serve.hf.load_soco_model` (every format version), a
+    dense model through :func:`load_model`."""
+    from soco_serve.hf import load_soco_model
+    from soco_serve.layout import is_soco_checkpoint
+
+    if is_soco_checkpoint(path):
+        return load_soco_model(path, dtype, device)
+    return load_model(str(path), dtype, device)[0]

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from soco_serve.layout import CheckpointWriter, Manifest
+from soco_serve.hf import lowrank_modules, swapped
+from soco_serve.layout import CheckpointWriter, Manifest, quantization_config
 
 from . import calibrate, data, evaluate, methods, models, recover
 from .calibrate import LayerInput
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
 from .factors import Decomposition
-from .hf_loader import lowrank_modules, swapped
 from .source import Source
 from .workdir import WorkDir
 
@@ -196,11 +196,12 @@ def capture(src: Source, spec: models.ArchSpec, windows: torch.Tensor, batch_siz
 
 
 def write_side_files(src: Source, dest: Path, dtype: torch.dtype) -> None:
-    """config.json (with the checkpoint's dtype, no quantization config), generation config, tokenizer."""
+    """config.json (with the checkpoint's dtype, and soco's quantization config in place of any the
+    source had: it is what makes transformers and vLLM look up soco's loaders), generation config,
+    tokenizer."""
     config = type(src.config).from_dict(src.config.to_dict())
     config.dtype = dtype
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config.quantization_config = quantization_config()
     config.save_pretrained(dest)
     gen = src.path / "generation_config.json"
     if gen.is_file():

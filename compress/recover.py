@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_name
 
 from .calibrate import LayerInput, forward_layer
 from .factors import Decomposition
-from .hf_loader import lowrank_modules, swapped
 
 
 @dataclass

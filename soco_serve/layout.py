@@ -2,12 +2,14 @@
 
 The compressor (``compress/``) writes it, the transformers loader and the vLLM plugin read it,
 and all three go through this module, so the file names, tensor names, manifest fields and
-the format version are defined exactly once. It imports neither vLLM nor transformers.
+the format version are defined exactly once. This module imports neither vLLM nor transformers
+(the package's ``__init__`` does import transformers, to register soco's quantizer with it).
 
 A checkpoint folder holds:
 
 * ``config.json``, generation config and tokenizer files of the source model, copied, so that
-  vLLM and transformers recognise the architecture;
+  vLLM and transformers recognise the architecture (``config.json`` with the checkpoint's dtype
+  and soco's ``quantization_config``, below);
 * ``soco_manifest.json`` (:class:`Manifest`): format version, provenance, method and settings,
   ratios, and one :class:`LinearEntry` per decoder linear layer, plus the shared bases;
 * ``soco-model-XXXXX-of-YYYYY.safetensors`` shards and ``soco-model.safetensors.index.json``
@@ -22,6 +24,24 @@ Tensor names (``W ≈ U @ V``, ``y = x Vᵀ Uᵀ``, torch's ``[out, in]`` conven
 * ``lowrank``: ``<layer>.lowrank_u`` ``[out, r]`` and ``<layer>.lowrank_v`` ``[r, in]``;
 * ``shared``: ``<layer>.lowrank_u`` ``[out, r]`` (the layer's coefficients) and the group's basis
   ``soco_bases.<basis id>`` ``[r, in]``, stored once for every layer of the group.
+
+``config.json`` carries ``quantization_config`` (:func:`quantization_config`,
+``{"quant_method": "soco", "format_version": N}``) from version 2 on: it is how transformers and
+vLLM recognise the folder as a soco checkpoint with no extra flag (each looks ``soco`` up in its
+registry of quantization methods, where ``import soco_serve`` and the vLLM plugin put it), and how
+an older reader is stopped: neither knows ``soco`` unless soco-serve registered it.
+
+Format versions (:data:`FORMAT_VERSION` is written; :data:`READABLE_VERSIONS` are read; a newer
+one is refused, naming the file, so an old soco-serve never misreads a new checkpoint):
+
+* 1: the layout above; ``config.json`` has no ``quantization_config`` (the compressor removed the
+  source model's). Loaded by ``soco_serve.hf.load_soco_model`` and ``vllm serve --load-format soco``.
+* 2: the same tensors and manifest; ``config.json`` gains ``quantization_config``, so
+  ``AutoModelForCausalLM.from_pretrained(dir)`` works after ``import soco_serve``. The version
+  changed because readers of version 1 do not know the ``soco`` quantization method: the previous
+  vLLM plugin never registered it, so vLLM stops at ``config.json`` with "Unknown quantization
+  method: soco" even under ``--load-format soco``; the bump makes every older soco reader that gets
+  as far as the manifest say why (an unknown format version) instead of failing elsewhere.
 """
 
 from __future__ import annotations
@@ -39,7 +59,10 @@ from typing import Any, Literal
 import torch
 
 FORMAT_NAME = "soco"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+QUANT_METHOD = "soco"  # config.json's quantization_config.quant_method (format 2 on)
+CONFIG_FILE = "config.json"
 MANIFEST_FILE = "soco_manifest.json"
 INDEX_FILE = "soco-model.safetensors.index.json"
 SHARD_TEMPLATE = "soco-model-{index:05d}-of-{total:05d}.safetensors"
@@ -80,6 +103,33 @@ def bias_name(layer: str) -> str:
 
 def basis_name(basis_id: str) -> str:
     return BASIS_PREFIX + basis_id
+
+
+def check_format_version(version: Any, where: str) -> None:
+    """Refuse a format version this soco-serve cannot read (a newer one above all), naming ``where``."""
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{where}: unknown format_version {version!r}; this soco-serve reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade soco-serve or re-compress)"
+        )
+
+
+def quantization_config() -> dict[str, Any]:
+    """The ``quantization_config`` entry the compressor writes into ``config.json`` (format 2 on).
+
+    It carries no settings: the manifest describes the layers. ``quant_method`` makes transformers
+    and vLLM look up soco's handlers; ``format_version`` lets them refuse a newer checkpoint before
+    reading anything else.
+    """
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+
+
+def check_quantization_config(d: Mapping[str, Any], where: str = CONFIG_FILE) -> None:
+    """Check a ``config.json`` ``quantization_config`` entry against :func:`quantization_config`."""
+    if not isinstance(d, Mapping) or d.get("quant_method") != QUANT_METHOD:
+        method = d.get("quant_method") if isinstance(d, Mapping) else d
+        raise CheckpointError(f"{where}: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    check_format_version(d.get("format_version"), f"{where}: quantization_config")
 
 
 @dataclass
@@ -178,11 +228,7 @@ class Manifest:
         """Check internal consistency; raise :class:`CheckpointError` naming the field."""
         if self.format != FORMAT_NAME:
             raise CheckpointError(f"{where}: field 'format' is {self.format!r}, expected {FORMAT_NAME!r}")
-        if self.format_version != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{where}: unknown format_version {self.format_version!r}; this soco-serve reads "
-                f"version {FORMAT_VERSION} only (upgrade soco-serve or re-compress)"
-            )
+        check_format_version(self.format_version, where)
         for name, e in self.linears.items():
             ctx = f"{where}: linears[{name!r}]"
             if e.kind not in KINDS:
@@ -214,11 +260,7 @@ class Manifest:
             raise CheckpointError(f"{where}: expected a JSON object")
         if d.get("format") != FORMAT_NAME:
             raise CheckpointError(f"{where}: field 'format' is {d.get('format')!r}, expected {FORMAT_NAME!r}")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{where}: unknown format_version {d.get('format_version')!r}; this soco-serve reads "
-                f"version {FORMAT_VERSION} only (upgrade soco-serve or re-compress)"
-            )
+        check_format_version(d.get("format_version"), where)
         try:
             linears = {k: LinearEntry(**v) for k, v in d["linears"].items()}
             bases = {k: BasisEntry(**v) for k, v in d.get("bases", {}).items()}

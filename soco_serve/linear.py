@@ -60,12 +60,24 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
+from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
 from kernels.backends import LowRankKernel, choose_kernel
-from soco_serve.layout import CheckpointError, LinearEntry, Manifest, basis_name, u_name, v_name, weight_name
+from soco_serve.layout import (
+    QUANT_METHOD,
+    CheckpointError,
+    LinearEntry,
+    Manifest,
+    basis_name,
+    check_quantization_config,
+    read_manifest,
+    u_name,
+    v_name,
+    weight_name,
+)
 
 logger = init_logger("vllm.soco_serve.linear")
 
@@ -120,13 +132,33 @@ def plan_shrink_parts(segments: list[SegmentSpec]) -> list[ShrinkPart]:
             for run in runs]
 
 
+LOAD_FORMAT = "soco"  # the soco model loader's name (soco_serve.loader)
+
+NEEDS_SOCO_LOADER = (
+    "{model}: a soco checkpoint is loaded by soco's model loader: serve it with `vllm serve {model} "
+    f"--load-format {LOAD_FORMAT}`. vLLM's default loader cannot: it gives every checkpoint tensor to the model's "
+    "load_weights, which has no parameter for a shared basis (soco_bases.*, one tensor for several layers) "
+    "nor for the layers' shrink factors, which soco's loader creates once the model is built"
+)
+
+
+@register_quantization_config(QUANT_METHOD)
 class SocoLinearConfig(QuantizationConfig):
     """Tells vLLM's layers how the checkpoint stores them: built from the manifest (and the model
-    class's fused-layer renames), not a file; read only once vLLM has built the model."""
+    class's fused-layer renames), not a file; read only once vLLM has built the model.
 
-    def __init__(self, manifest: Manifest, model_class: type | None = None):
+    Registered as vLLM's quantization method ``soco``, the ``quant_method`` of a format-2
+    checkpoint's ``config.json``, so vLLM accepts the checkpoint. The instance vLLM makes from
+    ``config.json`` (:meth:`from_config`, no manifest) only marks the engine's model as soco's:
+    the soco loader builds the model with its own instance (:class:`soco_serve.loader.SocoModelLoader`),
+    and any other loader that asks the marker for a layer's method is stopped at once
+    (:meth:`get_quant_method`).
+    """
+
+    def __init__(self, manifest: Manifest | None, model_class: type | None = None):
         super().__init__()
         self.manifest = manifest
+        self.model_name = "DIR"  # the folder, once vLLM gives it (maybe_update_config); named in errors
         # vLLM module name -> the manifest's (checkpoint's) name, where a model renames modules
         # (filled by vLLM through apply_vllm_mapper while it builds the model)
         self.hf_names: dict[str, str] = {}
@@ -150,9 +182,20 @@ class SocoLinearConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SocoLinearConfig":
-        raise NotImplementedError("soco layers are configured from soco_manifest.json by the soco loader")
+        """The engine's marker, from ``config.json``'s ``quantization_config`` (a newer format is refused)."""
+        check_quantization_config(config)
+        return cls(None)
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+        """Read the manifest while vLLM builds its config, before any worker starts: a folder without
+        one, or of a format this soco-serve cannot read, fails at once. The marker keeps no manifest
+        (the soco loader reads its own), so it can never configure layers by mistake."""
+        read_manifest(model_name)
+        self.model_name = model_name
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if self.manifest is None:
+            raise CheckpointError(NEEDS_SOCO_LOADER.format(model=self.model_name))
         if not isinstance(layer, LinearBase):
             return None
         segments = self.segments_for(prefix)

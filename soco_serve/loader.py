@@ -7,6 +7,13 @@ tensors (through the model's own ``load_weights``, so fused q/k/v and gate/up, t
 and TP sharding work as for any checkpoint; the low-rank layers' shrink rows, shared bases
 included, go straight to their Parameters) → vLLM's ``process_weights_after_loading`` → run.
 
+A format-2 checkpoint's ``config.json`` names the quantization method ``soco``, so vLLM gives the
+engine a :class:`~soco_serve.linear.SocoLinearConfig` marker (format 1: no quantization config);
+:meth:`SocoModelLoader.create_model` accepts either and builds the model with its own config, made
+from the manifest and the model class. vLLM's default loader cannot load the checkpoint (shared
+bases and shrink factors have no parameter in the model it builds), so there the marker stops it
+at the first layer and says to pass ``--load-format soco``.
+
 Everything is checked before vLLM reports the server healthy: the manifest (format version,
 basis ids), every tensor's presence, shape and dtype against it, and that every parameter of the
 model was loaded. Any failure raises with the file and tensor named.
@@ -30,11 +37,9 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.utils import get_model_architecture, initialize_model
 
 from soco_serve.layout import BASIS_PREFIX, CheckpointError, CheckpointReader
-from soco_serve.linear import SocoLinearConfig, SocoLowRankLinearMethod
+from soco_serve.linear import LOAD_FORMAT, SocoLinearConfig, SocoLowRankLinearMethod
 
 logger = init_logger("vllm.soco_serve.loader")
-
-LOAD_FORMAT = "soco"
 
 
 class ShrinkRegistry:
@@ -92,8 +97,12 @@ class SocoModelLoader(BaseModelLoader):
 
     def create_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         reader = CheckpointReader(model_config.model)
-        if vllm_config.quant_config is not None:
-            raise ValueError("a soco checkpoint cannot also be served with --quantization")
+        engine_quant = vllm_config.quant_config
+        # Format 2's config.json makes vLLM build soco's own config (a marker, SocoLinearConfig.from_config);
+        # format 1 has none. Anything else came from --quantization.
+        if engine_quant is not None and not isinstance(engine_quant, SocoLinearConfig):
+            raise ValueError(f"{model_config.model}: a soco checkpoint cannot also be served with --quantization "
+                             f"{engine_quant.get_name()}")
         arch = (getattr(model_config.hf_config, "architectures", None) or ["?"])[0]
         if reader.manifest.architecture != arch:
             raise CheckpointError(

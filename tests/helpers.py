@@ -27,7 +27,7 @@ def make_tiny_model(path: Path, model_type: str, dtype: torch.dtype = torch.floa
     from compress.models import default_model_dir
 
     tok = tokenizer or AutoTokenizer.from_pretrained(default_model_dir())
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=True, **config)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), **{"tie_word_embeddings": True, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.config.architectures = [type(model).__name__]
@@ -41,6 +41,24 @@ def make_tiny_model(path: Path, model_type: str, dtype: torch.dtype = torch.floa
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def as_format_1(ckpt: Path, dst: Path) -> Path:
+    """A copy of a soco checkpoint as format 1 wrote it: the manifest says version 1 and config.json
+    has no quantization_config (the tensors and the rest of the manifest are the same in both)."""
+    import json
+    import shutil
+
+    from soco_serve.layout import CONFIG_FILE, MANIFEST_FILE
+
+    shutil.copytree(ckpt, dst)
+    manifest = json.loads((dst / MANIFEST_FILE).read_text())
+    config = json.loads((dst / CONFIG_FILE).read_text())
+    assert manifest["format_version"] == 2 and config.pop("quantization_config")["quant_method"] == "soco"
+    manifest["format_version"] = 1
+    (dst / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return dst
 
 
 def import_benchmark(name: str) -> ModuleType:

@@ -72,7 +72,7 @@ def compress(model, refs, spec, method: str, ratio: float, windows, batch_size=4
 
 def _refit(model, spec, refs, plan, out, windows, batch_size):
     """The coefficient update on the whole compressed model, layer by layer."""
-    from compress.hf_loader import LowRankLinear, swapped
+    from soco_serve.hf import LowRankLinear, swapped
 
     dtype = refs[0].module.weight.dtype
     mods = {}

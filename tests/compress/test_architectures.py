@@ -82,8 +82,8 @@ def test_the_matrix_covers_the_table():
 def test_full_rank_checkpoint_equals_the_dense_model_in_transformers(arch, tmp_path, text_file):
     import torch
 
-    from compress.hf_loader import LowRankLinear, load_soco_model
     from compress.models import load_model
+    from soco_serve.hf import LowRankLinear, load_soco_model
     from soco_serve.layout import CheckpointReader
 
     src = architectures.make(arch, tmp_path / "dense")

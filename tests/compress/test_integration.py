@@ -5,7 +5,7 @@ import json
 import pytest
 
 from compress.cli import main
-from compress.hf_loader import load_soco_model
+from soco_serve.hf import load_soco_model
 from soco_serve.layout import CheckpointReader
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compress.cli import main
-from compress.hf_loader import LowRankLinear, load_soco_model
 from compress.models import load_model
 from compress.pipeline import CompressConfig
+from soco_serve.hf import LowRankLinear, load_soco_model
 from soco_serve.layout import CheckpointReader
 
 COMMON = ["--calib-windows", "4", "--seq-len", "64", "--no-progress", "--recover-steps", "0"]

@@ -144,8 +144,8 @@ def test_recovery_lowers_the_held_out_loss_and_keeps_the_layout(tiny_llama, text
 
 
 def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_path):
-    from compress.hf_loader import load_soco_model
     from compress.models import load_model
+    from soco_serve.hf import load_soco_model
 
     rep = _run(tiny_llama_f64, tmp_path / "ck", text_file, "--method", "svd-llm", "--full-rank", "--recover-steps", "10",
                "--recover-lr", "1e-4")

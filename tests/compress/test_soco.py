@@ -9,8 +9,8 @@ import torch
 
 from compress import calibrate, soco
 from compress.cli import main
-from compress.hf_loader import install_factors, load_soco_model
 from compress.data import calibration_windows, load_text, tokenize_stream
+from soco_serve.hf import install_factors, load_soco_model
 from soco_serve.layout import CheckpointReader, Manifest
 from tests.compress import reference
 

@@ -58,7 +58,7 @@ def test_streamed_perplexities_equal_the_whole_models(tiny_llama, text_file, tmp
     # skeleton (tied embeddings included) as it found it for the runs after it.
     from compress import evaluate
     from compress.data import text_eval_windows
-    from compress.hf_loader import load_soco_model
+    from soco_serve.hf import load_soco_model
 
     model, tok, _, _ = reference.load(tiny_llama)
     windows = text_eval_windows(tok, str(text_file), 64, 2)

@@ -88,6 +88,26 @@ def test_unknown_version(tmp_path):
         L.CheckpointReader(out)
 
 
+def test_every_readable_version_reads_and_version_2_is_written(tmp_path):
+    out = _write(tmp_path / "ck")
+    assert L.CheckpointReader(out).manifest.format_version == L.FORMAT_VERSION == 2
+    p = out / L.MANIFEST_FILE
+    for version in L.READABLE_VERSIONS:
+        p.write_text(json.dumps({**json.loads(p.read_text()), "format_version": version}))
+        assert L.CheckpointReader(out).manifest.format_version == version
+
+
+def test_quantization_config_contract():
+    qc = L.quantization_config()
+    assert qc == {"quant_method": "soco", "format_version": L.FORMAT_VERSION}
+    L.check_quantization_config(qc)
+    with pytest.raises(L.CheckpointError, match=r"config.json: quantization_config.quant_method is 'gptq'"):
+        L.check_quantization_config({**qc, "quant_method": "gptq"})
+    with pytest.raises(L.CheckpointError, match=r"x/config.json: quantization_config: unknown format_version 99; "
+                                                r"this soco-serve reads versions 1, 2"):
+        L.check_quantization_config({**qc, "format_version": 99}, where="x/config.json")
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(L.CheckpointError, match="not a soco checkpoint"):
         L.CheckpointReader(tmp_path)

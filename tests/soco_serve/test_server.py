@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from compress.models import default_model_dir
-from soco_serve.layout import INDEX_FILE, MANIFEST_FILE, CheckpointReader
+from soco_serve.layout import FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, CheckpointReader
 from soco_serve.server import CPU_FLAGS, VllmServer
-from tests.helpers import make_tiny_llama
+from tests.helpers import as_format_1, make_tiny_llama
 
 pytestmark = pytest.mark.server
 
@@ -118,7 +118,7 @@ def test_full_rank_checkpoint_serves_exactly_the_dense_model(full_rank_ckpt, tmp
 def test_compressed_checkpoint_behind_the_openai_api(bs03_ckpt, tmp_path):
     from transformers import AutoTokenizer
 
-    from compress.hf_loader import load_soco_model
+    from soco_serve.hf import load_soco_model
 
     log = tmp_path / "bs.log"
     with VllmServer(bs03_ckpt, log_path=log) as s:
@@ -233,6 +233,24 @@ def test_pipeline_parallel_2_matches_one_process(tiny_bs_ckpt, tiny_one_process,
     assert_same_greedy(ref, got)
 
 
+def test_format_1_checkpoint_serves_as_before(tiny_bs_ckpt, tiny_one_process, tmp_path):
+    """A checkpoint of format 1 (no quantization_config in config.json) serves as the same one of format 2."""
+    v1 = as_format_1(tiny_bs_ckpt, tmp_path / "v1")
+    with VllmServer(v1, log_path=tmp_path / "v1.log") as s:
+        got = greedy(s, PROMPTS[:3], 12, logprobs=1)
+    assert_same_greedy(tiny_one_process[0], got)
+
+
+def test_without_load_format_soco_vllm_stops_at_once_and_says_why(tiny_bs_ckpt, tmp_path):
+    """Plain ``vllm serve DIR``: config.json's quantization_config makes vLLM accept the checkpoint,
+    and the default loader is stopped while it builds the model, before it reads a weight."""
+    server = VllmServer(tiny_bs_ckpt, load_format=None, log_path=tmp_path / "auto.log").launch()
+    assert server.wait_exit() != 0
+    log = server.log()
+    assert f"serve it with `vllm serve {tiny_bs_ckpt} --load-format soco`" in log, log[-3000:]
+    assert "Loading weights took" not in log
+
+
 def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
     """A copy of ``ckpt`` broken one way; returns it and the error text the server must print."""
     from safetensors.torch import load_file, save_file
@@ -246,9 +264,9 @@ def _break(ckpt: Path, dst: Path, how: str) -> tuple[Path, str]:
     if how == "dense-folder":
         return default_model_dir(), "not a soco checkpoint"
     if how == "version":
-        manifest["format_version"] = 2
+        manifest["format_version"] = FORMAT_VERSION + 1
         (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
-        return dst, "unknown format_version 2"
+        return dst, f"unknown format_version {FORMAT_VERSION + 1}"
     if how == "basis":
         shared = next(n for n, e in manifest["linears"].items() if e["kind"] == "shared")
         manifest["linears"][shared]["basis"] = "no-such-basis"
