@@ -124,8 +124,9 @@ def compress_subprocess(code: Path, argv: list[str]) -> dict:
     wall = time.perf_counter() - t0
     marks = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB ")]
     out = {"wall_seconds": round(wall, 1), "peak_rss_bytes": int(marks[-1].split()[1]) * 1024 if marks else None}
-    if proc.returncode != 0:
-        return {**out, "error": (proc.stderr or proc.stdout)[-2000:]}
+    if proc.returncode != 0:  # negative: killed by that signal (SIGKILL -9 is the kernel's OOM killer's)
+        return {**out, "returncode": proc.returncode,
+                "error": (proc.stderr or proc.stdout)[-2000:] or f"killed by signal {-proc.returncode}"}
     report_path = Path(argv[argv.index("-o") + 1]) / "report.json"
     return {**out, "report": json.loads(report_path.read_text())}
 
@@ -197,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{key}: running ...", flush=True)
                         cells[key] = {"shape": shape, "layers": layers, "method": method, "code": code_name,
                                       **run_cell(code, model, method, a, work)}
-                        c = cells[key]
-                        print(f"{key}: {c.get('wall_seconds')} s, peak RSS "
-                              f"{c.get('peak_rss_bytes', 0) / 2**30:.2f} GiB {c.get('error', '')[-300:]}", flush=True)
                         path.write_text(json.dumps(res, indent=2) + "\n")
+                        c = cells[key]
+                        peak = c.get("peak_rss_bytes")  # None: the child was killed (say, by the OOM killer)
+                        print(f"{key}: {c.get('wall_seconds')} s, peak RSS "
+                              f"{'unknown' if peak is None else f'{peak / 2**30:.2f} GiB'} {c.get('error', '')[-300:]}",
+                              flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     plot(res, RESULTS / f"scale_{a.name}.png")

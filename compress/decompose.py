@@ -193,11 +193,34 @@ def whitened_spectrum(w: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, tor
 
 def shared_spectrum(ws: list[torch.Tensor], wh: Whitening) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """All components of a group's stacked weights ``[W_1; …; W_n] = Σ_i σ_i [u_i¹; …; u_iⁿ] (v_iᵀ S⁻¹)``:
-    returns ``([U_1, …, U_n], σ, Vᵀ S⁻¹)``, each ``U_j`` the rows of layer ``j`` (``[out_j, R]``)."""
-    stacked = torch.cat([w.to(F64) for w in ws], dim=0)
-    u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
-    coeffs = [c.contiguous() for c in torch.split(u, [w.shape[0] for w in ws], dim=0)]
-    return coeffs, sigma, unwhiten(vh, wh.s)
+    returns ``([U_1, …, U_n], σ, Vᵀ S⁻¹)``, each ``U_j`` the rows of layer ``j`` (``[out_j, R]``).
+
+    When the stack is taller than wide (q, gate and up of a group: ``Σ out_j > in``), the right
+    singular vectors and ``σ²`` are the eigenpairs of the ``[in, in]`` matrix ``Σ_j (W_j S)ᵀ (W_j S)``
+    and ``U_j = W_j S V σ⁻¹``: one layer's whitened weight at a time, never the stacked matrix, its
+    whitened copy and a tall SVD's workspace, each as large as the group's weights in float64 (what
+    bounds a large model's group). ``U_j σ Vᵀ = W_j S V Vᵀ`` is exact for any orthonormal ``V``, so the
+    full-rank factors still reproduce every ``W_j``; squaring only costs accuracy in the directions
+    of the smallest ``σ`` (about ``√eps·σ_1``), the first to be truncated.
+    """
+    rows, cols = sum(w.shape[0] for w in ws), ws[0].shape[1]
+    if rows <= cols:
+        stacked = torch.cat([w.to(F64) for w in ws], dim=0)
+        u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
+        coeffs = [c.contiguous() for c in torch.split(u, [w.shape[0] for w in ws], dim=0)]
+        return coeffs, sigma, unwhiten(vh, wh.s)
+    m = torch.zeros(cols, cols, dtype=F64, device=wh.s.device)
+    for w in ws:
+        a = w.to(F64) @ wh.s
+        m.addmm_(a.T, a)
+        del a
+    lam, v = torch.linalg.eigh((m + m.T) / 2)  # ascending; symmetrised against round-off
+    del m
+    lam, v = lam.flip(0), v.flip(1)
+    sigma = lam.clamp_min(0).sqrt()
+    inv = torch.where(sigma > sigma[0] * torch.finfo(F64).eps, 1 / sigma, torch.zeros_like(sigma))
+    coeffs = [(w.to(F64) @ wh.s @ v) * inv for w in ws]
+    return coeffs, sigma, unwhiten(v.T.contiguous(), wh.s)
 
 
 def shared_basis(ws: list[torch.Tensor], wh: Whitening, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

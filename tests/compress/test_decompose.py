@@ -104,6 +104,27 @@ def test_shared_basis_full_rank_exact_and_shapes():
         torch.testing.assert_close(c @ basis, w, rtol=0, atol=1e-10)
 
 
+def test_shared_spectrum_of_a_tall_stack_is_the_stacked_svd():
+    """A stack taller than wide takes the in-sized eigenproblem: the same σ, the same best rank-r
+    approximation of every layer as the stacked matrix's SVD, and exact at full rank."""
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randn(40, 16, generator=g, dtype=F64), torch.randn(24, 16, generator=g, dtype=F64)]
+    _, _, gram = _data()
+    wh = D.whitening(gram)
+    coeffs, sigma, v = D.shared_spectrum(ws, wh)
+    stacked = torch.cat(ws) @ wh.s
+    u_ref, sigma_ref, vh_ref = torch.linalg.svd(stacked, full_matrices=False)
+    torch.testing.assert_close(sigma, sigma_ref, rtol=1e-10, atol=0)
+    u = torch.cat(coeffs)
+    torch.testing.assert_close(u.T @ u, torch.eye(16, dtype=F64), rtol=0, atol=1e-9)
+    for r in (1, 5, 16):
+        ours = torch.cat([c[:, :r] * sigma[:r] @ v[:r] for c in coeffs]) @ wh.s
+        ref = u_ref[:, :r] * sigma_ref[:r] @ vh_ref[:r]
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-9 * float(sigma_ref[0]))
+    for w, c in zip(ws, coeffs):
+        torch.testing.assert_close(c * sigma @ v, w, rtol=0, atol=1e-10)
+
+
 def test_refit_coefficients_is_the_weighted_least_squares_solution():
     w, x, gram = _data()
     basis = torch.randn(5, 16, dtype=F64)
