@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         if res:
             print(f"{path} was made with other settings: starting it afresh", flush=True)
         res = {}
-    res.update(setting, device=device_name(torch.device("cpu")), threads=torch.get_num_threads())
+    # The machine and threads of the first run stay at the top; each new cell records its own.
+    res.update(setting)
+    here = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads()}
+    for k, v in here.items():
+        res.setdefault(k, v)
     if "dense" not in res:
         res["dense"] = perplexities(dense, windows)
     cells = res.setdefault("cells", {})
@@ -158,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             key = local_key(steps, lr)
             if key not in cells or (steps and cells[key].get("lr") != lr):
                 print(f"== {key}", flush=True)
-                cells[key] = {**local_cell(cfg, steps, lr, windows), "lr": lr}
+                cells[key] = {**local_cell(cfg, steps, lr, windows), "lr": lr, **here}
                 save()
             print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
     cached = {k: v for k, v in cells.get("e2e", {}).get("settings", {}).items() if k != "windows"}
     if a.e2e_steps and cached != e2e_settings(a):
         print("== e2e", flush=True)
-        cells["e2e"] = e2e_cell(cfg, a.work / name / "local-0", a, windows, dense, tok)
+        cells["e2e"] = {**e2e_cell(cfg, a.work / name / "local-0", a, windows, dense, tok), **here}
         save()
     plot(res, path.with_suffix(".png"))
     return 0
