@@ -193,9 +193,15 @@ class SocoLinearConfig(QuantizationConfig):
         read_manifest(model_name)
         self.model_name = model_name
 
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+    def built_manifest(self) -> Manifest:
+        """The manifest of a config the soco loader built; the engine's marker (no manifest) stops
+        whichever other loader is building the model, at the first place that needs the layers."""
         if self.manifest is None:
             raise CheckpointError(NEEDS_SOCO_LOADER.format(model=self.model_name))
+        return self.manifest
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        self.built_manifest()
         if not isinstance(layer, LinearBase):
             return None
         segments = self.segments_for(prefix)
@@ -222,7 +228,7 @@ class SocoLinearConfig(QuantizationConfig):
         Transformers backend calls GPT-NeoX's ``gpt_neox.layers`` ``model.layers``): layers are then
         found under their vLLM names, while tensors keep the checkpoint's (the model's
         ``load_weights`` renames those itself)."""
-        for name in self.manifest.linears:
+        for name in self.built_manifest().linears:
             mapped = hf_to_vllm_mapper._map_name(weight_name(name))
             if mapped is not None and mapped != weight_name(name):
                 self.hf_names[mapped.removesuffix(".weight")] = name
