@@ -191,8 +191,9 @@ def whitened_spectrum(w: torch.Tensor, wh: Whitening) -> tuple[torch.Tensor, tor
     return u, sigma, unwhiten(vh, wh.s)
 
 
-def shared_spectrum(ws: list[torch.Tensor], wh: Whitening) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """All components of a group's stacked weights ``[W_1; …; W_n] = Σ_i σ_i [u_i¹; …; u_iⁿ] (v_iᵀ S⁻¹)``:
+def shared_spectrum(ws: list[torch.Tensor], wh: Whitening,
+                    keep: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """All components (the first ``keep`` with ``keep``) of a group's stacked weights ``[W_1; …; W_n] = Σ_i σ_i [u_i¹; …; u_iⁿ] (v_iᵀ S⁻¹)``:
     returns ``([U_1, …, U_n], σ, Vᵀ S⁻¹)``, each ``U_j`` the rows of layer ``j`` (``[out_j, R]``).
 
     When the stack is taller than wide (q, gate and up of a group: ``Σ out_j > in``), the right
@@ -207,6 +208,7 @@ def shared_spectrum(ws: list[torch.Tensor], wh: Whitening) -> tuple[list[torch.T
     if rows <= cols:
         stacked = torch.cat([w.to(F64) for w in ws], dim=0)
         u, sigma, vh = torch.linalg.svd(stacked @ wh.s, full_matrices=False)
+        u, sigma, vh = u[:, :keep], sigma[:keep], vh[:keep]
         coeffs = [c.contiguous() for c in torch.split(u, [w.shape[0] for w in ws], dim=0)]
         return coeffs, sigma, unwhiten(vh, wh.s)
     m = torch.zeros(cols, cols, dtype=F64, device=wh.s.device)
@@ -216,7 +218,7 @@ def shared_spectrum(ws: list[torch.Tensor], wh: Whitening) -> tuple[list[torch.T
         del a
     lam, v = torch.linalg.eigh((m + m.T) / 2)  # ascending; symmetrised against round-off
     del m
-    lam, v = lam.flip(0), v.flip(1)
+    lam, v = lam.flip(0)[:keep], v.flip(1)[:, :keep]  # only the kept columns are ever multiplied out
     sigma = lam.clamp_min(0).sqrt()
     inv = torch.where(sigma > sigma[0] * torch.finfo(F64).eps, 1 / sigma, torch.zeros_like(sigma))
     coeffs = [(w.to(F64) @ wh.s @ v) * inv for w in ws]
@@ -230,8 +232,8 @@ def shared_basis(ws: list[torch.Tensor], wh: Whitening, rank: int) -> tuple[torc
     paper), so the coefficients are blocks of an orthonormal ``U``.
     """
     _check_rank(torch.empty(sum(w.shape[0] for w in ws), ws[0].shape[1], device="meta"), rank)
-    coeffs, sigma, v = shared_spectrum(ws, wh)
-    return sigma[:rank, None] * v[:rank], [c[:, :rank].contiguous() for c in coeffs]
+    coeffs, sigma, v = shared_spectrum(ws, wh, keep=rank)
+    return sigma[:, None] * v, coeffs
 
 
 REFIT_RIDGE = 1e-6  # relative ridge on G for the coefficient update
