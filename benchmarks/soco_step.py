@@ -6,11 +6,12 @@ noise hits both alike.
 
 Three ways to take the same step (the same scores, window and teacher):
 
-* ``whole``: the scored linears swapped into the model held in memory, one forward and one
-  backward pass of the whole model (how soco trained before its memory was bounded);
-* ``layered``: the stack over the same in-memory model: a forward pass without a graph, then each
-  layer recomputed with gradients from the head down (what ``soco-compress`` runs when the model
-  and its factors fit in memory: ``--soco-offload auto`` or ``off``);
+* ``whole``: the stack held in memory (:meth:`compress.soco.Stack.held`): one forward and one
+  backward pass of the whole model with the scored linears swapped in (what ``soco-compress`` runs
+  when the model and its factors fit in memory: ``--soco-offload auto`` or ``off``);
+* ``layered``: the stack over the same in-memory model, not held: a forward pass without a graph,
+  then each layer recomputed with gradients from the head down (the bounded step without the
+  reads, to separate the cost of recomputing from the cost of reading);
 * ``onloaded``: the stack with each layer's dense weights read from the safetensors shards and its
   factors from the work folder's files, one layer at a time (``--soco-offload on``, and ``auto``
   for models that do not fit).
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             b.scores.grad = None
 
     def whole() -> torch.Tensor:
-        with soco.installed(model, blocks) as scored:
-            kl = soco.topk_kl(scored(input_ids=window, use_cache=False).logits, teacher.logp, teacher.idx)
-            kl.backward()
+        with resident.held() as held:
+            held.kl_backward(window, teacher.logp, teacher.idx, soco.topk_kl)
         return torch.cat([b.scores.grad.flatten() for b in blocks])
 
     def layered() -> torch.Tensor:

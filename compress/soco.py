@@ -89,8 +89,8 @@ gradients and passes the gradient of its input to the group below: the whole mod
 (tested) for one extra forward pass and two onloads per group and step. Rereading every layer
 twice a step is the price of that bound, so where the model and its factors fit in half of the
 available memory (``--soco-offload auto``, the default; ``on`` and ``off`` force either way) the
-stack holds them for the whole training instead (:meth:`Stack.held`): the same steps and the same
-checkpoint (tested). The group loop then folds each group at the global threshold, so evaluation,
+stack holds them for the whole training instead (:meth:`Stack.held`) and takes each step in one
+autograd pass through the whole model: the same gradient and the same checkpoint (tested). The group loop then folds each group at the global threshold, so evaluation,
 recovery and resume work as for every method.
 """
 
@@ -411,13 +411,15 @@ class Stack:
     :class:`calibrate.LayerSource`) with its blocks swapped in only while it runs, so memory holds
     one group's weights and graph whatever the depth. The gradient of a step reaches the scores
     group by group from the head down, each group recomputed from its saved input: exactly the
-    whole model's gradient, for one extra forward pass (tested against the whole model's autograd)."""
+    whole model's gradient, for one extra forward pass (tested against the whole model's autograd).
+    A stack ``whole`` (every group and factor resident: :meth:`held`) takes that gradient in one
+    autograd pass through the whole model instead, since nothing needs to be freed between groups."""
 
     def __init__(self, layers: calibrate.LayerSource, model: nn.Module, spec: models.ArchSpec,
                  groups: list[range], blocks: list[list[Block]], device: torch.device,
-                 factors: FactorFiles | None = None):
+                 factors: FactorFiles | None = None, whole: bool = False):
         self.layers, self.model, self.spec, self.groups = layers, model, spec, groups
-        self.blocks, self.device, self.factors = blocks, device, factors
+        self.blocks, self.device, self.factors, self.whole = blocks, device, factors, whole
 
     @classmethod
     def resident(cls, model: nn.Module, spec: models.ArchSpec, blocks: list[Block], group_size: int = 1) -> "Stack":
@@ -444,7 +446,8 @@ class Stack:
     @contextmanager
     def held(self) -> Iterator["Stack"]:
         """This stack with every group, its factors and the outer modules onloaded once for the
-        duration: the same steps without the per-step reads, for models that fit in memory."""
+        duration, its steps taken in one autograd pass: the same gradient without the per-step
+        reads and the recomputation, for models that fit in memory."""
         with ExitStack() as stack:
             stack.enter_context(self.layers.outer())
             stack.enter_context(self.layers.loaded([i for g in self.groups for i in g]))
@@ -452,7 +455,7 @@ class Stack:
                 for g in range(len(self.groups)):
                     stack.enter_context(self.factors.loaded(g))
             yield Stack(calibrate.Resident(self.model, self.spec), self.model, self.spec, self.groups, self.blocks,
-                        self.device)
+                        self.device, whole=True)
 
     @property
     def all_blocks(self) -> list[Block]:
@@ -476,6 +479,8 @@ class Stack:
                     kl_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The distillation loss of one batch, its gradient accumulated into the scores' ``.grad``
         (not when the loss is not finite). The outer modules must be onloaded."""
+        if self.whole:
+            return self._kl_backward_whole(ids, t_logp, t_idx, kl_fn)
         x = self.inputs(ids)
         starts = []
         with torch.no_grad():
@@ -498,6 +503,21 @@ class Stack:
                     y = calibrate.forward_layer(m, y)
                 torch.autograd.backward(y.hidden, grad, inputs=[h, *(b.scores for b in self.blocks[g])])
             grad = h.grad
+        return kl.detach()
+
+    def _kl_backward_whole(self, ids: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor,
+                           kl_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """:meth:`kl_backward` for a stack held whole: one graph through every group (they all stay
+        resident, so the graph may span them) and one backward pass, into the scores only."""
+        x = self.inputs(ids)
+        with installed(self.model, self.all_blocks), torch.enable_grad():
+            for g in self.groups:
+                with self.layers.loaded(list(g)) as mods:
+                    for m in mods:
+                        x = calibrate.forward_layer(m, x)
+            kl = kl_fn(calibrate.head_logits(self.model, self.spec, ids, x.hidden), t_logp, t_idx)
+            if torch.isfinite(kl):
+                kl.backward(inputs=[b.scores for b in self.all_blocks])
         return kl.detach()
 
 

@@ -232,7 +232,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
 @pytest.mark.parametrize("group_size,masked", [(1, False), (2, True)])
 def test_layered_gradient_is_the_whole_models(prep64, group_size, masked):
     """The stack's group-by-group backward (each group recomputed from its saved input) gives the
-    scores exactly the gradient of the whole model's own autograd pass."""
+    scores exactly the gradient of the whole model's own autograd pass, and so does the held
+    stack's single pass."""
     blocks = _blocks(prep64, group_size)
     _randomize(blocks, seed=5, zero=0.3)
     if masked:  # stage 3: pruned components off, straight-through gradient
@@ -245,12 +246,18 @@ def test_layered_gradient_is_the_whole_models(prep64, group_size, masked):
         logits = scored(input_ids=windows, use_cache=False).logits
         want_kl = soco.topk_kl(logits, teacher.logp, teacher.idx)
         want = torch.autograd.grad(want_kl, [b.scores for b in blocks])
-    kl = stack.kl_backward(windows, teacher.logp, teacher.idx, soco.topk_kl)
-    assert float(kl) == pytest.approx(float(want_kl.detach()), rel=1e-12)
-    for b, g in zip(blocks, want):
-        assert float(g.abs().max()) > 0
-        torch.testing.assert_close(b.scores.grad, g, rtol=1e-9, atol=1e-14)
-    assert all(p.grad is None for p in prep64.model.parameters())  # the dense weights get no gradient
+    with stack.held() as held:
+        assert held.whole and not stack.whole
+        for way in (stack, held):
+            for b in blocks:
+                b.scores.grad = None
+            kl = way.kl_backward(windows, teacher.logp, teacher.idx, soco.topk_kl)
+            assert float(kl) == pytest.approx(float(want_kl.detach()), rel=1e-12)
+            for b, g in zip(blocks, want):
+                assert float(g.abs().max()) > 0
+                torch.testing.assert_close(b.scores.grad, g, rtol=1e-9, atol=1e-14)
+            assert all(p.grad is None for p in prep64.model.parameters())  # the dense weights get no gradient
+            assert isinstance(prep64.model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # model restored
     for b in blocks:
         b.mask = None
 
