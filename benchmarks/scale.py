@@ -13,7 +13,9 @@ seconds per group. ``--baseline COMMIT`` also runs the compressor of that commit
 git worktree) on the same models, to show what streaming changed.
 
 Results go to ``benchmarks/results/scale_<name>.json`` (every finished cell is cached there, so a
-killed run continues) and ``scale_<name>.png`` (peak RSS against depth, one line per method).
+killed run continues), with the hours a whole real model would take at :data:`DEPTH` extrapolated
+from the deepest cell (``extrapolated``), and ``scale_<name>.png`` (peak RSS against depth, one
+line per method).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SHAPES = {  # hidden, intermediate, attention heads, KV heads (the models' confi
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
 }
+# The real models' depths, for the extrapolation of a whole model's time from the measured groups.
+DEPTH = {"llama3-8b": 32, "qwen2.5-7b": 28, "llama3-70b": 80}
 VOCAB = 1024
 # Runs soco-compress in this process and prints the process's own peak RSS when it exits, so each
 # cell's peak is its own (a parent's RUSAGE_CHILDREN would be the largest child so far).
@@ -150,6 +154,30 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
             "seconds_per_group": report.get("seconds_per_group"), "achieved_ratio": report["achieved_ratio"]}
 
 
+def extrapolate(cell: dict, depth: int) -> float:
+    """Seconds to compress ``depth`` layers, from one cell: its mean seconds per group times the
+    groups at that depth, plus what the cell spent outside its groups (loading, capture, hashing),
+    counted once. An extrapolation, valid as long as every group costs the same (streaming makes
+    the groups independent; the cells at 1, 2 and 4 layers show it)."""
+    per = cell["seconds_per_group"]
+    layers_per_group = cell["layers"] / len(per)
+    outside = cell["wall_seconds"] - sum(per)
+    return sum(per) / len(per) * -(-depth // layers_per_group) + outside
+
+
+def extrapolations(res: dict) -> dict:
+    """Per shape and method, the whole real model's hours from the deepest finished cell."""
+    out = {}
+    for key, c in res["cells"].items():
+        if c["code"] != "streaming" or "error" in c or c["shape"] not in DEPTH or not c.get("seconds_per_group"):
+            continue
+        k = f"{c['shape']}/{c['method']}"
+        if k not in out or c["layers"] > res["cells"][out[k]["from_cell"]]["layers"]:
+            depth = DEPTH[c["shape"]]
+            out[k] = {"from_cell": key, "layers": depth, "hours": round(extrapolate(c, depth) / 3600, 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama3-8b", help=f"comma-separated, from {','.join(SHAPES)}")
@@ -206,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["extrapolated"] = extrapolations(res)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    for k, e in res["extrapolated"].items():
+        print(f"{k}: {e['layers']} layers would take about {e['hours']} h here (extrapolated from {e['from_cell']})")
     plot(res, RESULTS / f"scale_{a.name}.png")
     return 0
 
@@ -221,13 +253,14 @@ def plot(res: dict, path: Path) -> None:
     for c in res["cells"].values():
         if "error" not in c:
             lines.setdefault(f"{c['code']} {c['shape']} {c['method']}", []).append(c)
-    for label, cs in sorted(lines.items()):
+    for i, (label, cs) in enumerate(sorted(lines.items())):
         cs.sort(key=lambda c: c["layers"])
         xs = [c["layers"] for c in cs]
-        ax.plot(xs, [c["peak_rss_bytes"] / 2**30 for c in cs], marker="o", label=label)
+        style = dict(marker="o", label=label, color=f"C{i}")  # one colour per line in both panels
+        ax.plot(xs, [c["peak_rss_bytes"] / 2**30 for c in cs], **style)
         per = [sum(c["seconds_per_group"]) / len(c["seconds_per_group"]) for c in cs if c.get("seconds_per_group")]
         if len(per) == len(xs):
-            bx.plot(xs, per, marker="o", label=label)
+            bx.plot(xs, per, **style)
     ax.set_xlabel("decoder layers")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_ylim(bottom=0)

@@ -10,6 +10,7 @@ def test_scale_cells_record_memory_and_groups(tmp_path, monkeypatch, capsys):
     scale = load_benchmark("scale", tmp_path / "results", monkeypatch)
     monkeypatch.setitem(scale.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                                    num_key_value_heads=2))
+    monkeypatch.setitem(scale.DEPTH, "tiny", 8)
     argv = ["--shapes", "tiny", "--layers", "1,2", "--calib-windows", "2", "--seq-len", "32",
             "--cache", str(tmp_path / "cache"), "--name", "t"]
     assert scale.main(argv) == 0
@@ -19,7 +20,20 @@ def test_scale_cells_record_memory_and_groups(tmp_path, monkeypatch, capsys):
         assert "error" not in c, c.get("error")
         assert c["peak_rss_bytes"] > 0 and len(c["seconds_per_group"]) == layers
         assert c["peak_stat_bytes"] == 8 * (3 * (64 * 64 + 64) + 128 * 128 + 128)  # one layer's statistics
+    deepest = res["cells"]["streaming/tiny/svd-llm/2"]
+    e = res["extrapolated"]["tiny/svd-llm"]
+    assert e["from_cell"] == "streaming/tiny/svd-llm/2" and e["layers"] == 8
+    outside = deepest["wall_seconds"] - sum(deepest["seconds_per_group"])
+    assert e["hours"] == round((4 * sum(deepest["seconds_per_group"]) + outside) / 3600, 2)
     assert (tmp_path / "results" / "scale_t.png").stat().st_size > 1000
     capsys.readouterr()
     assert scale.main(argv) == 0  # every cell cached
     assert capsys.readouterr().out.count("cached") == 2
+
+
+def test_extrapolation_counts_groups_not_layers(tmp_path, monkeypatch):
+    scale = load_benchmark("scale", tmp_path / "results", monkeypatch)
+    # basis-sharing's two layers in one group: 80 layers are 40 such groups (41 for 81), plus 10 s outside
+    cell = {"layers": 2, "seconds_per_group": [100.0], "wall_seconds": 110.0}
+    assert scale.extrapolate(cell, 80) == 40 * 100.0 + 10.0
+    assert scale.extrapolate(cell, 81) == 41 * 100.0 + 10.0
