@@ -142,7 +142,8 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
     res = compress_subprocess(code, [str(model), "-o", str(out), "--method", method, "--ratio", str(a.ratio),
                                      "--calib-windows", str(a.calib_windows), "--seq-len", str(a.seq_len),
                                      "--no-eval", "--no-progress",
-                                     *(["--soco-steps", str(a.soco_steps)] if method == "soco" else []),
+                                     *(["--soco-steps", str(a.soco_steps), "--soco-offload", a.soco_offload]
+                                       if method == "soco" else []),
                                      # the decomposition's memory and time, without the recovery stage
                                      # (older compressors, --baseline, have none)
                                      *(["--recover-steps", "0"] if (code / "compress" / "recover.py").exists() else [])])
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soco-steps", type=int, default=24,
                    help="soco's training steps (its per-step cost is measured by benchmarks/soco_step.py; the scale "
                         "cells measure memory and the decomposition, so a few steps suffice)")
+    p.add_argument("--soco-offload", default="on", choices=("auto", "on", "off"),
+                   help="soco's cells: 'on' (the default here) onloads each group for each use, the path whose memory "
+                        "is bounded by one group; 'auto' (soco-compress's default) holds the stack while it needs "
+                        "less than half of the available memory, so its peak grows with depth up to that point")
     p.add_argument("--baseline", default=None, help="a commit whose compressor runs beside (a git worktree)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SOCO_SCALE_CACHE", "/tmp/soco-scale")),
                    help="where the random models are kept")
