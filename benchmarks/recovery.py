@@ -73,7 +73,7 @@ def e2e_settings(a: argparse.Namespace) -> dict:
 def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: dict[str, torch.Tensor],
              dense: torch.nn.Module, tok) -> dict:
     """The whole compressed model trained against the dense model's top-k distribution."""
-    train = soco.training_windows(calibration_windows(cfg, tok), a.e2e_seq_len)
+    train = soco.training_windows(calibration_windows(cfg, tok), a.e2e_seq_len, data.window_prefix(tok))
     teacher = soco.teacher_topk(soco.Stack.resident(dense, models.arch_spec(dense), []), train, a.topk, progress=False)
     student = load_soco_model(ckpt)
     linears = CheckpointReader(ckpt).manifest.linears

@@ -67,7 +67,8 @@ class ModelWork:
     spec: ArchSpec
     refs: list[LinearRef]
     groups: list[range]
-    calib_ids: torch.Tensor  # [windows, seq_len]
+    calib_ids: torch.Tensor  # [windows, seq_len], each starting with ``window_prefix``
+    window_prefix: tuple[int, ...]  # the tokens the tokenizer puts before a text (data.window_prefix)
     calib: list[calibrate.LayerInput]  # the first layer's inputs for ``calib_ids``, on ``device``
     device: torch.device
     compute_dtype: torch.dtype
@@ -335,7 +336,7 @@ class Soco(Method):
         shared = cfg.shared_types if cfg.group_size > 1 else ()
         for r in cfg.ratio_list:
             soco.check_reachable(mw.refs, r, cfg.group_size, shared, cfg.force_factorize)
-        windows = soco.training_windows(mw.calib_ids, cfg.soco.seq_len)
+        windows = soco.training_windows(mw.calib_ids, cfg.soco.seq_len, mw.window_prefix)
         t0 = time.perf_counter()
         paths = [mw.cache(f"soco-spectra-{g:05d}") for g in range(len(mw.groups))]
         end = max((g + 1 for g, p in enumerate(paths) if not p.is_file()), default=0)  # groups to walk

@@ -282,7 +282,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         assert calib is not None
         with timer.stage("whole_model"):
             prepared = method.prepare(methods.ModelWork(
-                cfg, onload, model, spec, src.refs, groups, calib, streams["calib"].on(device), device, src.dtype,
+                cfg, onload, model, spec, src.refs, groups, calib, data.window_prefix(src.tokenizer),
+                streams["calib"].on(device), device, src.dtype,
                 work.stats_path, work.scratch, memory.note_stats, cfg.progress))
     if done:
         state = work.load_state(done - 1)

@@ -615,15 +615,30 @@ def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> 
     return (head + tail_t * (tail_t.log() - tail_s.log())).mean()
 
 
-def training_windows(calib: torch.Tensor | None, seq_len: int) -> torch.Tensor:
-    """The calibration windows cut into training windows of ``seq_len`` tokens."""
+def training_windows(calib: torch.Tensor | None, seq_len: int, prefix: tuple[int, ...] = ()) -> torch.Tensor:
+    """The calibration windows cut into training windows of ``seq_len`` tokens.
+
+    Every calibration window starts with the tokenizer's ``prefix`` (:func:`compress.data.window_prefix`,
+    Gemma's BOS); so does every piece cut from it, because a model trained with a BOS at the start
+    of each sequence reads a piece without one as text it never saw (the teacher's distribution
+    there is not the one served). The text after the prefix is cut into ``seq_len - len(prefix)``
+    tokens per piece; the tail that does not fill a piece is dropped.
+    """
     if calib is None or calib.numel() == 0 or calib.shape[0] == 0:
         raise SocoError("soco needs calibration text: the calibration set is empty")
     length = calib.shape[1]
-    seq = min(seq_len, length)
-    if seq < 2:
+    if min(length, seq_len) < 2:
         raise SocoError(f"calibration windows of {length} tokens are too short to train on")
-    return calib[:, : (length // seq) * seq].reshape(-1, seq)
+    if length <= seq_len:
+        return calib
+    p = len(prefix)
+    if p and not bool((calib[:, :p] == torch.tensor(prefix, dtype=calib.dtype)).all()):
+        raise SocoError(f"calibration windows do not start with the tokenizer's prefix {list(prefix)}")
+    if seq_len - p < 1:
+        raise SocoError(f"training windows of {seq_len} tokens leave no text after the tokenizer's prefix {list(prefix)}")
+    body = seq_len - p
+    pieces = calib[:, p : p + ((length - p) // body) * body].reshape(-1, body)
+    return torch.cat([calib[:1, :p].expand(pieces.shape[0], p), pieces], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

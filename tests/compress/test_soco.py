@@ -3,6 +3,7 @@ training run end to end (one run, several ratios; shared bases), and bad input."
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -204,6 +205,42 @@ def test_bad_input(tiny_llama, text_file, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(soco.SocoError, match="calibration set is empty"):
         soco.training_windows(torch.empty(0, 64, dtype=torch.long), 32)
+
+
+def test_training_windows_keep_the_tokenizers_prefix():
+    calib = torch.tensor([[7, *range(10, 20)], [7, *range(20, 30)]])  # two windows of BOS + 10 tokens
+    w = soco.training_windows(calib, 5, prefix=(7,))
+    assert w.tolist() == [[7, 10, 11, 12, 13], [7, 14, 15, 16, 17], [7, 20, 21, 22, 23], [7, 24, 25, 26, 27]]
+    plain = torch.arange(24).reshape(2, 12)
+    assert torch.equal(soco.training_windows(plain, 6), plain.reshape(4, 6))  # no prefix: plain cuts
+    assert torch.equal(soco.training_windows(calib, 64, prefix=(7,)), calib)  # shorter than a piece: as they are
+    with pytest.raises(soco.SocoError, match=r"do not start with the tokenizer's prefix \[8\]"):
+        soco.training_windows(calib, 5, prefix=(8,))
+
+
+def test_soco_trains_on_windows_that_start_as_a_text_does(tiny_llama, text_file, tmp_path, monkeypatch):
+    """A tokenizer that puts a BOS before every text (as Gemma's does): every training window
+    soco cuts from the calibration windows starts with it, and no other token is a BOS."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "bos-llama"
+    shutil.copytree(tiny_llama, model)
+    tok = AutoTokenizer.from_pretrained(model, add_bos_token=True)
+    tok.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model)("x")["input_ids"][0] == tok.bos_token_id
+    seen = []
+    real = soco.train
+
+    def spy(stack, windows, *args, **kwargs):
+        seen.append(windows.clone())
+        return real(stack, windows, *args, **kwargs)
+
+    monkeypatch.setattr(soco, "train", spy)
+    assert main([str(model), "-o", str(tmp_path / "o"), "--method", "soco", "--ratio", "0.3", "--calib-text",
+                 str(text_file), *COMMON, "--soco-steps", "1", "--soco-seq-len", "16", "--no-eval"]) == 0
+    (w,) = seen
+    assert w.shape == (4 * 4, 16)  # each 64-token window: BOS + 63 tokens, cut into 4 pieces of BOS + 15
+    assert (w[:, 0] == tok.bos_token_id).all() and (w[:, 1:] != tok.bos_token_id).all()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
