@@ -3,6 +3,7 @@
     soco-compress [MODEL] -o OUT [--method M] [--ratio R] [options]   compress (and evaluate)
     soco-compress eval DIR [options]                                  perplexity of a dense or soco folder
     soco-compress info DIR                                            manifest summary of a soco folder
+    soco-compress selfchat [MODEL] -o FILE.jsonl [--n N]              the model's own chats, for --calib-chat
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def compress_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=None, metavar="SRC",
                    help="calibration text (.txt, .jsonl, or 'wikitext2'); default: the calibration split "
                         "of the embedded Wikipedia sample")
+    c.add_argument("--calib-chat", default=None, metavar="FILE.jsonl",
+                   help="chats, one {\"messages\": [...]} per line (a chat dataset, or the model's own from "
+                        "'soco-compress selfchat'), rendered with the model's chat template: an instruct model "
+                        "calibrated on plain text alone stops answering in its chat format")
+    c.add_argument("--calib-chat-share", type=float, default=CompressConfig.calib_chat_share,
+                   help="share of the calibration windows cut from --calib-chat")
     c.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows,
                    help="random windows of --seq-len tokens (the papers: 256 windows of 2048)")
     c.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
@@ -170,6 +177,42 @@ def info_parser() -> argparse.ArgumentParser:
     return p
 
 
+def selfchat_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soco-compress selfchat",
+        description="The dense model's own chats (it writes a request, then answers it), one {\"messages\": [...]} "
+                    "per line: calibration data for an instruct model (--calib-chat) where no chat dataset is at "
+                    "hand. Holds the whole model in memory (see compress/selfchat.py).")
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face folder, .gguf file or hub id (default: the "
+                                                          "embedded default model)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the .jsonl file to write")
+    p.add_argument("--n", type=int, default=64, help="chats to write")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (a request: half of it)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cmd_selfchat(argv: list[str]) -> int:
+    from .models import load_model
+    from .selfchat import self_chats, write_chats
+
+    a = selfchat_parser().parse_args(argv)
+    if a.output.suffix != ".jsonl":
+        raise ValueError(f"{a.output}: the output must be a .jsonl file (what --calib-chat reads)")
+    if a.n < 1 or a.max_new_tokens < 2:
+        raise ValueError(f"--n must be at least 1 and --max-new-tokens at least 2, got {a.n} and {a.max_new_tokens}")
+    if a.output.exists() and not a.force:
+        raise FileExistsError(f"{a.output} exists; pass --force to replace it")
+    model, tok, source = load_model(a.model)
+    chats = self_chats(model, tok, a.n, a.max_new_tokens, a.batch_size, a.seed, progress=not a.no_progress)
+    write_chats(chats, a.output, force=a.force)
+    print(f"wrote {a.output}: {len(chats)} chats of {source}")
+    return 0
+
+
 def cmd_compress(argv: list[str]) -> int:
     from .pipeline import run
     from .report import summary_lines
@@ -186,6 +229,7 @@ def cmd_compress(argv: list[str]) -> int:
         shared_types=tuple(s for s in a.shared_types.split(",") if s), coefficient_update=a.coefficient_update,
         asvd_alpha=a.asvd_alpha,
         force_factorize=a.force_factorize, full_rank=a.full_rank, dtype=a.dtype, calib_text=a.calib_text,
+        calib_chat=a.calib_chat, calib_chat_share=a.calib_chat_share,
         calib_windows=a.calib_windows, seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed,
         evaluate=not a.no_eval, eval_text=a.eval_text, eval_windows=a.eval_windows, force=a.force,
         max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, soco_offload=a.soco_offload,
@@ -245,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from soco_serve.layout import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"eval": cmd_eval, "info": cmd_info}
+    commands = {"eval": cmd_eval, "info": cmd_info, "selfchat": cmd_selfchat}
     cmd = commands.get(argv[0]) if argv else None
     try:
         return cmd(argv[1:]) if cmd else cmd_compress(argv)

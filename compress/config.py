@@ -37,6 +37,11 @@ class CompressConfig:
     dtype: str = "auto"
     calib_text: str | None = None
     calib_windows: int = 64  # basis-sharing needs this many to beat svd-llm (docs/results.md)
+    # chats (.jsonl of {"messages": [...]}, rendered with the model's chat template) that make up
+    # calib_chat_share of the calibration windows: an instruct model calibrated and recovered on
+    # plain text alone stops answering in its chat format (docs/results.md, Chat calibration)
+    calib_chat: str | None = None
+    calib_chat_share: float = 0.25
     seq_len: int = 512
     batch_size: int = 4
     seed: int = 0
@@ -72,6 +77,12 @@ class CompressConfig:
             for r in self.ratios:
                 allocate.check_ratio(r)
             self.ratio = min(self.ratios)
+        if self.calib_chat is not None:
+            if not 0 < self.calib_chat_share < 1:
+                raise ValueError(f"--calib-chat-share must be between 0 and 1, got {self.calib_chat_share}")
+            if round(self.calib_chat_share * self.calib_windows) in (0, self.calib_windows):
+                raise ValueError(f"--calib-chat-share {self.calib_chat_share} of {self.calib_windows} calibration "
+                                 "windows leaves no chat window or no text window")
         m.check(self)
         self.recover.check()
         if self.recover.steps is None:  # auto: on, but not where the factors are exact or several checkpoints come out
@@ -102,6 +113,9 @@ class CompressConfig:
         d = asdict(self)
         for k in (*RUNTIME_FIELDS, "evaluate", "eval_text", "eval_windows", "model", "ratios"):
             d.pop(k)
+        if self.calib_chat is None:  # as written before chats existed, so older work folders resume
+            d.pop("calib_chat")
+            d.pop("calib_chat_share")
         m = self.method_impl
         for k in methods.foreign_settings(m):
             d.pop(k)

@@ -125,6 +125,33 @@ def load_text(source: str | None, split: str) -> str:
     return raw
 
 
+def load_chats(path: str, tokenizer) -> str:
+    """The chats of a ``.jsonl`` file, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per
+    line (the format of chat datasets and of :mod:`compress.selfchat`), each rendered with the
+    tokenizer's own chat template and joined: the text an instruct model reads when served
+    through a chat API, special tokens included."""
+    p = Path(path)
+    if p.suffix != ".jsonl" or not p.is_file():
+        raise DataError(f"{p}: expected a .jsonl file of chats, one {{\"messages\": [...]}} per line")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{p}: the model's tokenizer has no chat template to render these chats with")
+    chats = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            if not (isinstance(messages, list) and messages
+                    and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)):
+                raise TypeError("'messages' must be a non-empty list of {'role', 'content'} objects")
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{p}:{n}: expected a JSON object with a 'messages' list ({exc})") from exc
+    if not chats:
+        raise DataError(f"{p}: no chats in the file")
+    return ARTICLE_SEPARATOR.join(chats)
+
+
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one token stream (1-D int64), without special tokens."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -158,6 +185,14 @@ def _body_len(seq_len: int, prefix: tuple[int, ...], what: str) -> int:
     return seq_len - len(prefix)
 
 
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The rows of ``a`` and ``b`` merged, each kept in order and spread evenly over the result:
+    any contiguous run of batches (recovery's held-out tail, say) holds both kinds in about
+    their overall proportion."""
+    key = torch.cat([(torch.arange(len(a)) + 0.5) / len(a), (torch.arange(len(b)) + 0.5) / max(len(b), 1)])
+    return torch.cat([a, b])[torch.sort(key, stable=True).indices]
+
+
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int = 0, what: str = "evaluation",
                  prefix: tuple[int, ...] = ()) -> torch.Tensor:
     """Non-overlapping windows from the start of the stream, ``[n, seq_len]`` (0 = all windows),
@@ -179,7 +214,7 @@ def text_eval_windows(tokenizer, src: str | None, seq_len: int, max_windows: int
 
 
 def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int = 0,
-                        prefix: tuple[int, ...] = ()) -> torch.Tensor:
+                        prefix: tuple[int, ...] = (), what: str = "calibration text") -> torch.Tensor:
     """``n_windows`` random windows of ``seq_len`` tokens (seeded), ``[n, seq_len]``, each the
     ``prefix`` tokens then text."""
     if n_windows < 1:
@@ -187,7 +222,7 @@ def calibration_windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed
     body = _body_len(seq_len, prefix, "calibration")
     if tokens.numel() < body + 1:
         raise DataError(
-            f"calibration text has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
+            f"{what} has {tokens.numel()} tokens, fewer than one window of {seq_len}; "
             "give more text or a smaller --seq-len"
         )
     g = torch.Generator().manual_seed(seed)

@@ -219,10 +219,17 @@ def ratio_dir(output: Path, ratio: float) -> Path:
 
 
 def calibration_windows(cfg: CompressConfig, tokenizer: Any) -> torch.Tensor:
-    """The calibration text as ``[calib_windows, seq_len]`` token windows (seeded choice)."""
+    """The calibration text as ``[calib_windows, seq_len]`` token windows (seeded choice), with
+    ``calib_chat_share`` of them cut from the chats of ``calib_chat`` where given, spread evenly."""
+    prefix = data.window_prefix(tokenizer)
     tokens = data.tokenize_stream(tokenizer, data.load_text(cfg.calib_text, "calibration"))
-    return data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows, cfg.seed,
-                                    prefix=data.window_prefix(tokenizer))
+    if cfg.calib_chat is None:
+        return data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows, cfg.seed, prefix=prefix)
+    n_chat = round(cfg.calib_chat_share * cfg.calib_windows)
+    chats = data.tokenize_stream(tokenizer, data.load_chats(cfg.calib_chat, tokenizer))
+    return data.interleave(
+        data.calibration_windows(tokens, cfg.seq_len, cfg.calib_windows - n_chat, cfg.seed, prefix=prefix),
+        data.calibration_windows(chats, cfg.seq_len, n_chat, cfg.seed, prefix=prefix, what=f"{cfg.calib_chat} (chats)"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The main job, end to end on the embedded default model (``make demo``).
 
-1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and text;
-2. compress it with svd-llm at ratio 0.3 and the default recovery stage, and evaluate perplexity
-   (``soco-compress``);
+1. prepare the default model (SmolLM2-135M-Instruct, dequantized once), its text, and its own
+   chats (``soco-compress selfchat``, once, cached beside the model);
+2. compress it with svd-llm at ratio 0.3 and the default recovery stage, calibrated on the text
+   and, for a quarter of the windows, on those chats (``--calib-chat``: without them the
+   compressed model stops answering chat requests), and evaluate perplexity (``soco-compress``);
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -52,20 +54,28 @@ def main() -> int:
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
+    p.add_argument("--chats", type=int, default=64, help="the model's own chats to calibrate on (0: none)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = p.parse_args()
 
-    from compress.models import default_model_dir
+    from compress.models import cache_dir, default_model_dir
     from soco_serve.server import VllmServer
 
     ckpt = a.out / f"{a.method}-{a.ratio}"
-    print(f"== 1-2. compress the default model: {a.method}, ratio {a.ratio} -> {ckpt}", flush=True)
     t0 = time.perf_counter()
     extra = ["--recover-steps", a.recover_steps] if a.recover_steps is not None else []
+    if a.chats:
+        chats = cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl"
+        if not chats.is_file():
+            print(f"== 1. the default model's own chats ({a.chats}) -> {chats}", flush=True)
+            subprocess.run([sys.executable, "-m", "compress.cli", "selfchat", "-o", str(chats), "--n", str(a.chats)],
+                           check=True, cwd=ROOT)
+        extra += ["--calib-chat", str(chats)]
+    print(f"== 1-2. compress the default model: {a.method}, ratio {a.ratio} -> {ckpt}", flush=True)
     subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(ckpt), "--force", "--method", a.method,
                     "--ratio", a.ratio, *extra], check=True, cwd=ROOT)
     compress_seconds = time.perf_counter() - t0
-    print(f"   compressed and evaluated in {compress_seconds:.0f} s", flush=True)
+    print(f"   compressed and evaluated in {compress_seconds:.0f} s{' (with the chats)' if a.chats else ''}", flush=True)
 
     answers: dict[str, list[str]] = {}
     for label, model, load_format in (("dense", default_model_dir(), None), ("compressed", ckpt, "soco")):
@@ -78,7 +88,7 @@ def main() -> int:
             answers[label] = ask(server.base_url)
         print("   server stopped", flush=True)
 
-    summary = {"method": a.method, "ratio": float(a.ratio), "compress_seconds": round(compress_seconds, 1),
+    summary = {"method": a.method, "ratio": float(a.ratio), "chats": a.chats, "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
     print("== 4. the same questions through the openai client, greedy")

@@ -54,3 +54,85 @@ def test_windows_start_as_the_tokenizer_starts_a_text(text_file, tmp_path):
             body = row[1:] if first is not None else row
             starts = (stream.unfold(0, body.numel(), 1) == body).all(1).nonzero()
             assert starts.numel() >= 1
+
+
+def _chat_file(path, n=12):
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. " * 4}]}) + "\n")
+    return path
+
+
+def test_chats_are_rendered_with_the_models_chat_template(tmp_path):
+    import pytest
+
+    plain, _ = _tokenizers()
+    text = data.load_chats(str(_chat_file(tmp_path / "c.jsonl", 2)), plain)
+    expected = [plain.apply_chat_template([{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}. " * 4}],
+                                          tokenize=False) for i in range(2)]
+    assert text == data.ARTICLE_SEPARATOR.join(expected) and "<|im_start|>assistant" in text
+    ids = data.tokenize_stream(plain, text)  # the template's special tokens become their single ids
+    assert int((ids == plain.convert_tokens_to_ids("<|im_start|>")).sum()) == text.count("<|im_start|>")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": "plain text"}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: expected a JSON object with a 'messages' list"):
+        data.load_chats(str(bad), plain)
+    bad.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: .*role.*content"):
+        data.load_chats(str(bad), plain)
+    with pytest.raises(data.DataError, match="expected a .jsonl file of chats"):
+        data.load_chats(str(tmp_path / "missing.jsonl"), plain)
+    no_template = copy_without_template(plain)
+    with pytest.raises(data.DataError, match="no chat template"):
+        data.load_chats(str(tmp_path / "c.jsonl"), no_template)
+
+
+def copy_without_template(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
+
+
+def test_interleave_spreads_both_kinds_evenly():
+    import torch
+
+    a, b = torch.arange(6).view(6, 1), torch.arange(100, 102).view(2, 1)
+    assert data.interleave(a, b).view(-1).tolist() == [0, 1, 100, 2, 3, 4, 101, 5]
+    assert torch.equal(data.interleave(a, b[:0]), a)
+
+
+def test_a_share_of_the_calibration_windows_comes_from_the_chats(text_file, tmp_path):
+    import pytest
+    import torch
+
+    from compress import pipeline
+    from compress.config import CompressConfig
+
+    plain, _ = _tokenizers()
+    chats = _chat_file(tmp_path / "c.jsonl")
+    cfg = CompressConfig(tmp_path / "out", calib_text=str(text_file), seq_len=32, calib_windows=8, batch_size=2,
+                         calib_chat=str(chats), calib_chat_share=0.25)
+    c = pipeline.calibration_windows(cfg, plain)
+    assert c.shape == (8, 32)
+    streams = {"text": data.tokenize_stream(plain, data.load_text(str(text_file), "calibration")),
+               "chat": data.tokenize_stream(plain, data.load_chats(str(chats), plain))}
+
+    def source(row):
+        return [k for k, s in streams.items() if (s.unfold(0, 32, 1) == row).all(1).any()]
+
+    kinds = [source(row) for row in c]
+    assert kinds == [["text"]] * 2 + [["chat"]] + [["text"]] * 3 + [["chat"]] + [["text"]]  # 2 of 8, spread
+    assert torch.equal(c, pipeline.calibration_windows(cfg, plain))  # seeded
+    assert cfg.settings()["calib_chat"] == str(chats) and cfg.settings()["calib_chat_share"] == 0.25
+    assert "calib_chat" not in CompressConfig(tmp_path / "out").settings()  # as before chats existed
+    with pytest.raises(ValueError, match="leaves no chat window"):
+        CompressConfig(tmp_path / "out", calib_windows=8, calib_chat=str(chats), calib_chat_share=0.05)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        CompressConfig(tmp_path / "out", calib_chat=str(chats), calib_chat_share=1.0)

@@ -186,8 +186,11 @@ def test_sigkill_then_rerun_continues_from_the_last_group(tiny_llama, text_file,
     work = workdir.work_dir_for(out)
     argv = [sys.executable, "-m", "compress.cli", str(tiny_llama), "-o", str(out), *COMMON, "--calib-text",
             str(text_file), "--eval-text", str(text_file), "--eval-windows", "2", *args]
+    # the killed run computes with this process's threads, so that its groups are bit for bit the
+    # uninterrupted run's (a different thread count reorders float sums)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 300
     while not (work / "state-00001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
