@@ -156,14 +156,16 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
 
 
 def extrapolate(cell: dict, depth: int) -> float:
-    """Seconds to compress ``depth`` layers, from one cell: its mean seconds per group times the
-    groups at that depth, plus what the cell spent outside its groups (loading, capture, hashing),
-    counted once. An extrapolation, valid as long as every group costs the same (streaming makes
-    the groups independent; the cells at 1, 2 and 4 layers show it)."""
+    """Seconds to compress ``depth`` layers, from one cell: what grows with depth (the groups, and a
+    whole-model stage such as soco's training, which walks every group) scaled by the groups at
+    that depth, plus what the cell spent once (loading, capture, hashing). An extrapolation, valid
+    as long as every group costs the same (streaming makes the groups independent; the cells at
+    1, 2 and 4 layers show it)."""
     per = cell["seconds_per_group"]
     layers_per_group = cell["layers"] / len(per)
-    outside = cell["wall_seconds"] - sum(per)
-    return sum(per) / len(per) * -(-depth // layers_per_group) + outside
+    grows = sum(per) + cell.get("seconds", {}).get("whole_model", 0.0)
+    once = cell["wall_seconds"] - grows
+    return grows / len(per) * -(-depth // layers_per_group) + once
 
 
 def extrapolations(res: dict) -> dict:

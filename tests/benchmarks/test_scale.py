@@ -37,3 +37,6 @@ def test_extrapolation_counts_groups_not_layers(tmp_path, monkeypatch):
     cell = {"layers": 2, "seconds_per_group": [100.0], "wall_seconds": 110.0}
     assert scale.extrapolate(cell, 80) == 40 * 100.0 + 10.0
     assert scale.extrapolate(cell, 81) == 41 * 100.0 + 10.0
+    # a whole-model stage (soco's training) walks every group: it grows with depth too
+    soco = {"layers": 2, "seconds_per_group": [10.0, 10.0], "wall_seconds": 125.0, "seconds": {"whole_model": 100.0}}
+    assert scale.extrapolate(soco, 8) == 8 * 60.0 + 5.0  # 8 groups of one layer
