@@ -1,10 +1,11 @@
 """The main job, end to end on the embedded default model (``make demo``).
 
-1. prepare the default model (SmolLM2-135M-Instruct, dequantized once), its text, and its own
-   chats (``soco-compress selfchat``, once, cached beside the model);
+1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and its text; with
+   ``--chats N``, also N of its own chats (``soco-compress selfchat``, once, cached beside the
+   model);
 2. compress it with svd-llm at ratio 0.3 and the default recovery stage, calibrated on the text
-   and, for a quarter of the windows, on those chats (``--calib-chat``: without them the
-   compressed model stops answering chat requests), and evaluate perplexity (``soco-compress``);
+   (and, with ``--chats``, a quarter of the windows on those chats: ``--calib-chat``), and
+   evaluate perplexity (``soco-compress``);
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -54,7 +55,9 @@ def main() -> int:
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
-    p.add_argument("--chats", type=int, default=64, help="the model's own chats to calibrate on (0: none)")
+    p.add_argument("--chats", type=int, default=0,
+                   help="calibrate a quarter of the windows on N of the model's own chats (default 0: none; "
+                        "what 64 did to the answers and the time is in docs/results.md, Chat calibration)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = p.parse_args()
 
