@@ -4,9 +4,9 @@ An instruct model compressed and recovered on plain text alone loses its chat be
 chat template's special tokens and the turns around them never occur in the calibration windows,
 so neither the whitening nor recovery sees the activations a chat request produces. Chat data
 puts them into calibration (``--calib-chat``; how much that brings back is measured in
-docs/results.md, Chat calibration); where none is at hand, the dense model writes its own. From the
-chat template's opening of a user turn it samples a request (the model's idea of what users ask
-it), then answers it greedily; the pair is one chat. No outside text enters, so nothing about the
+docs/results.md, Chat calibration); where none is at hand, the dense model writes its own. From
+the chat template's opening of a user turn it samples a request (the model's idea of what users
+ask it), then answers it greedily; the pair is one chat. No outside text enters, so nothing about the
 evaluation or the demo's questions can leak into calibration.
 
 Generation holds the whole dense model in memory (it is autoregressive: every token passes every
