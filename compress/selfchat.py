@@ -41,14 +41,24 @@ def turn_template(tokenizer) -> tuple[str, str]:
     return head, tail
 
 
+def end_of_turn(tokenizer) -> int | None:
+    """The token the chat template closes a turn with (ChatML's ``<|im_end|>``, Gemma's
+    ``<end_of_turn>``, Llama-3's ``<|eot_id|>``), read from the template itself: the first token
+    it renders after an assistant's text. ``None`` where the template closes turns with nothing."""
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": SENTINEL}]
+    rendered = tokenizer.apply_chat_template(turn, tokenize=False)
+    after = rendered.split(SENTINEL, 1)[1].lstrip() if rendered.count(SENTINEL) == 1 else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids else None
+
+
 @torch.no_grad()
 def self_chats(model, tokenizer, n: int, max_new_tokens: int = 128, batch_size: int = 16, seed: int = 0,
                progress: bool = True) -> list[list[dict[str, str]]]:
     """``n`` chats of one request (sampled, temperature 1, top-p 0.95, at most ``max_new_tokens //
     2`` tokens) and its greedy answer (at most ``max_new_tokens``), seeded."""
     head, tail = turn_template(tokenizer)
-    end = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-           if isinstance(t, int) and t != tokenizer.unk_token_id]
+    end = list(dict.fromkeys(t for t in (tokenizer.eos_token_id, end_of_turn(tokenizer)) if t is not None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end[0]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device

@@ -7,7 +7,7 @@ import pytest
 
 from compress import data
 from compress.cli import main
-from compress.selfchat import self_chats, turn_template
+from compress.selfchat import end_of_turn, self_chats, turn_template
 from soco_serve.layout import CheckpointReader
 
 
@@ -21,6 +21,9 @@ def test_turn_template_splits_the_chat_at_the_users_text():
     assert head.endswith("<|im_start|>user\n") and tail == "<|im_end|>\n<|im_start|>assistant\n"
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == head + "hi" + tail
+    assert end_of_turn(tok) == tok.convert_tokens_to_ids("<|im_end|>")  # read from the template, not assumed
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
+    assert end_of_turn(tok) is None  # a template that closes turns with nothing
     tok.chat_template = None
     with pytest.raises(data.DataError, match="no chat template"):
         turn_template(tok)
