@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             c.update(r, report={k: rep[k] for k in ("achieved_ratio", "model_ratio", "ppl_dense", "ppl_compressed",
                                                     "eval_tokens", "seconds", "seconds_per_group", "memory",
                                                     "linear_params", "model_params")})
+            if "recovery" in rep:  # the stage's totals and settings; the per-group logs stay in the checkpoint's report
+                c["report"]["recovery"] = {k: v for k, v in rep["recovery"].items() if k != "per_group"}
+                c["report"]["recover_settings"] = rep["settings"]["recover"]
             save()
         print(f"{cell}: ppl {c['report']['ppl_dense']:.2f} -> {c['report']['ppl_compressed']:.2f}, peak RSS "
               f"{c['peak_rss_bytes'] / 2**30:.2f} GiB, {c['wall_seconds']} s", flush=True)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from compress import data, evaluate, models, soco  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
 from compress.pipeline import calibration_windows, run  # noqa: E402
-from compress.recover import RecoverConfig, distill, trainable  # noqa: E402
+from compress.recover import LR_SCALES, RecoverConfig, distill, trainable  # noqa: E402
 from benchmarks.measure import device_name  # noqa: E402
 from soco_serve.hf import load_soco_model  # noqa: E402
 from soco_serve.layout import CheckpointReader  # noqa: E402
@@ -48,10 +48,10 @@ def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> di
     return {k: evaluate.perplexity(model, w, progress=False).ppl for k, w in windows.items()}
 
 
-def local_cell(cfg: CompressConfig, steps: int, lr: float, windows: dict[str, torch.Tensor]) -> dict:
+def local_cell(cfg: CompressConfig, steps: int, lr: float, scale: str, windows: dict[str, torch.Tensor]) -> dict:
     out = cfg.output.parent / f"local-{steps}"
     t0 = time.perf_counter()
-    rep = run(replace(cfg, output=out, force=True, recover=RecoverConfig(steps=steps, lr=lr)))
+    rep = run(replace(cfg, output=out, force=True, recover=RecoverConfig(steps=steps, lr=lr, lr_scale=scale)))
     cell = {"wall_seconds": round(time.perf_counter() - t0, 1), "ppl": rep["ppl_compressed"],
             "recover_seconds": rep.get("recovery", {}).get("seconds", 0.0), "stage_seconds": rep["seconds"],
             "ppl_other": perplexities(load_soco_model(out), windows)["other"]}
@@ -60,13 +60,17 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, windows: dict[str, to
     return cell
 
 
-def local_key(steps: int, lr: float) -> str:
-    """``local@STEPS`` at the default learning rate (the committed files' keys), else ``local@STEPS lr=LR``."""
-    return f"local@{steps}" if lr == RecoverConfig.lr or not steps else f"local@{steps} lr={lr:g}"
+def local_key(steps: int, lr: float, scale: str) -> str:
+    """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
+    default scale). Cells without ``lr_scale`` were run before the rate was relative: absolute rates."""
+    if not steps:
+        return "local@0"
+    key = f"local@{steps}" if lr == RecoverConfig.lr else f"local@{steps} lr={lr:g}"
+    return key if scale == RecoverConfig.lr_scale else f"{key} scale={scale}"
 
 
 def e2e_settings(a: argparse.Namespace) -> dict:
-    return {"steps": a.e2e_steps, "lr": a.e2e_lr, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
+    return {"steps": a.e2e_steps, "lr": a.e2e_lr, "lr_scale": a.lr_scale, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
             "check_every": a.check_every, "patience": a.patience}
 
 
@@ -96,7 +100,7 @@ def e2e_cell(cfg: CompressConfig, ckpt: Path, a: argparse.Namespace, windows: di
         paused += time.perf_counter() - t
         print(f"   e2e step {step}: held-out KL {val:.4f}, ppl {curve[-1]['ppl']:.2f}", flush=True)
 
-    log = distill(params, loss, len(batches), RecoverConfig(steps=a.e2e_steps, lr=a.e2e_lr, check_every=a.check_every,
+    log = distill(params, loss, len(batches), RecoverConfig(steps=a.e2e_steps, lr=a.e2e_lr, lr_scale=a.lr_scale, check_every=a.check_every,
                                                              patience=a.patience), seed=cfg.seed, on_check=on_check)
     best = perplexities(student, windows)
     return {"curve": curve, "ppl": best["eval"], "ppl_other": best["other"], "stopped": log.stopped,
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", default="0,20,50", help="--recover-steps of the local cells")
     p.add_argument("--local-lr", default=str(RecoverConfig.lr),
                    help="learning rates of the local cells, comma-separated: one cell per steps and rate")
+    p.add_argument("--lr-scale", choices=LR_SCALES, default=RecoverConfig.lr_scale,
+                   help="--recover-lr-scale of every cell (local and end to end)")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
@@ -159,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     save()
     for steps in sorted({0, *(int(s) for s in a.local_steps.split(",") if s)}):
         for lr in [float(x) for x in a.local_lr.split(",")] if steps else [RecoverConfig.lr]:
-            key = local_key(steps, lr)
-            if key not in cells or (steps and cells[key].get("lr") != lr):
+            key = local_key(steps, lr, a.lr_scale)
+            if key not in cells or (steps and (cells[key].get("lr"), cells[key].get("lr_scale", "none")) != (lr, a.lr_scale)):
                 print(f"== {key}", flush=True)
-                cells[key] = {**local_cell(cfg, steps, lr, windows), "lr": lr, **here}
+                cells[key] = {**local_cell(cfg, steps, lr, a.lr_scale, windows), "lr": lr, "lr_scale": a.lr_scale,
+                              **here}
                 save()
             print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
     cached = {k: v for k, v in cells.get("e2e", {}).get("settings", {}).items() if k != "windows"}
@@ -183,14 +190,18 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
     # one line per learning rate, each starting from the truncation (local@0)
-    lrs = sorted({c["lr"] for k, c in cells.items() if k.startswith("local@") and k != "local@0"} or {RecoverConfig.lr})
-    lines = {lr: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
-                        if k == "local@0" or (k.startswith("local@") and c.get("lr") == lr)) for lr in lrs}
+    def rate(c: dict) -> tuple[float, str]:
+        return c["lr"], c.get("lr_scale", "none")
+
+    rates = sorted({rate(c) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
+                   or {(RecoverConfig.lr, RecoverConfig.lr_scale)})
+    lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
+                       if k == "local@0" or (k.startswith("local@") and rate(c) == r)) for r in rates}
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        for lr, local in lines.items():
+        for (lr, scale), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
-                    label=f"local (group by group), lr {lr:g}")
+                    label=f"local (group by group), lr {lr:g}" + (" × RMS" if scale == "rms" else ""))
             for s, c, k in local:
                 ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
                             xytext=(3, 3))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import allocate, calibrate, data, decompose, methods, models, soco, workdir
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
-from .recover import DEFAULT_STEPS, RecoverConfig, RecoveryError
+from .recover import DEFAULT_STEPS, LR_SCALES, RecoverConfig, RecoveryError
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
@@ -130,7 +130,11 @@ def compress_parser() -> argparse.ArgumentParser:
     r.add_argument("--recover-steps", type=int, default=None, metavar="N",
                    help=f"optimizer steps per group (one calibration batch each); 0 = no recovery; default "
                         f"{DEFAULT_STEPS}, or 0 with --full-rank or several ratios")
-    r.add_argument("--recover-lr", type=float, default=rd.lr, help="AdamW learning rate (cosine decay)")
+    r.add_argument("--recover-lr", type=float, default=rd.lr,
+                   help="AdamW learning rate (cosine decay); with --recover-lr-scale rms, relative to each tensor's RMS")
+    r.add_argument("--recover-lr-scale", choices=LR_SCALES, default=rd.lr_scale,
+                   help="rms: each tensor's rate is --recover-lr times its RMS, so a step changes every tensor by about "
+                        "the same fraction on any model; none: --recover-lr is the rate of every tensor")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,
                    help="share of the calibration batches held out: early stopping keeps the best held-out state")
     c = p.add_argument_group("calibration")
@@ -235,7 +239,8 @@ def cmd_compress(argv: list[str]) -> int:
         max_shard_bytes=a.max_shard_size, device=a.device, activations=a.activations, soco_offload=a.soco_offload,
         restart=a.restart,
         progress=not a.no_progress,
-        recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, holdout=a.recover_holdout),
+        recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, lr_scale=a.recover_lr_scale,
+                              holdout=a.recover_holdout),
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

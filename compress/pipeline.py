@@ -490,6 +490,7 @@ def recovery_summary(per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "val_before": sum(g["val_before"] for g in logs) / len(logs),
         "val_after": sum(g["val_after"] for g in logs) / len(logs),
         "stopped": {r: sum(g["stopped"] == r for g in logs) for r in sorted({g["stopped"] for g in logs})},
+        "improved": sum(g["best_step"] > 0 for g in logs),  # groups whose kept state is not the truncation's
         "per_group": per_group,
     }
 

@@ -40,7 +40,8 @@ class RecoverConfig:
     """Settings of the recovery stage (``--recover-*``); the defaults are docs/results.md's (Recovery)."""
 
     steps: int | None = None  # optimizer steps per group (one calibration batch each); 0 = off; None = auto
-    lr: float = 5e-4  # AdamW learning rate (cosine decay to zero over ``steps``)
+    lr: float = 1e-2  # AdamW learning rate (cosine decay to zero over ``steps``), per tensor as ``lr_scale`` says
+    lr_scale: str = "rms"  # rms: each tensor's rate is lr × its RMS at the start (see step_sizes); none: lr itself
     holdout: float = 0.125  # share of the calibration batches held out for validation
     check_every: int = 10  # steps between two validations
     patience: int = 3  # validations without improvement before stopping early
@@ -50,12 +51,15 @@ class RecoverConfig:
             raise ValueError(f"--recover-steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"--recover-lr must be > 0, got {self.lr}")
+        if self.lr_scale not in LR_SCALES:
+            raise ValueError(f"--recover-lr-scale must be one of {', '.join(LR_SCALES)}, got {self.lr_scale!r}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--recover-holdout must be between 0 and 1, got {self.holdout}")
         if self.check_every < 1 or self.patience < 1:
             raise ValueError("recovery check_every and patience must be >= 1")
 
 
+LR_SCALES = ("rms", "none")
 DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 
@@ -80,6 +84,21 @@ def relative_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     num = (y - target).pow(2).sum(-1)
     den = target.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
     return (num / den).mean()
+
+
+def step_sizes(params: Sequence[torch.Tensor], lr: float, scale: str) -> list[float]:
+    """Each tensor's learning rate: ``lr`` times its RMS with ``scale="rms"``, ``lr`` with ``"none"``.
+
+    Adam moves every element by about its learning rate per step, whatever the gradient's scale,
+    so one absolute rate is a different relative change on every tensor and every model: a whitened
+    ``V`` has small entries where the input dimension is large, and a rate that trains one model's
+    ``V`` gently rewrites another's in ten steps. Scaled by the tensor's RMS, a step changes every
+    tensor by about the same fraction (Adafactor's relative step size). A tensor of zeros keeps a
+    zero rate: it has no scale to be relative to.
+    """
+    if scale == "none":
+        return [lr] * len(params)
+    return [lr * float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else lr for p in params]
 
 
 @dataclass
@@ -129,7 +148,9 @@ def distill(params: Sequence[nn.Parameter], loss: Callable[[int], torch.Tensor],
         return log
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rates = step_sizes(params, cfg.lr, cfg.lr_scale)
+    opt = torch.optim.AdamW([{"params": [p], "lr": r} for p, r in zip(params, rates)], lr=cfg.lr,
+                            betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     order = torch.Generator().manual_seed(seed)
     perm: list[int] = []

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from compress.recover import RecoverConfig
 from tests.helpers import load_benchmark
 
 
@@ -37,18 +38,23 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     rate, the default rate under the committed files' keys, every cell cached."""
     calls = []
 
-    def local_cell(cfg, steps, lr, windows):
-        calls.append((steps, lr))
+    def local_cell(cfg, steps, lr, scale, windows):
+        calls.append((steps, lr, scale))
         return {"ppl": 100.0 - steps - 1e3 * lr, "ppl_other": 200.0, "recover_seconds": steps * 1.0}
     monkeypatch.setattr(bench, "local_cell", local_cell)
     argv = ["--model", str(tiny_llama), "--local-steps", "4", "--eval-windows", "2", "--seq-len", "64",
             "--e2e-steps", "0", "--name", "t", "--work", str(tmp_path / "w")]
-    assert bench.main([*argv, "--local-lr", "5e-4,2e-3"]) == 0
-    assert calls == [(0, 5e-4), (4, 5e-4), (4, 2e-3)]
+    assert bench.main([*argv, "--local-lr", f"{RecoverConfig.lr},2e-3"]) == 0
+    d = RecoverConfig.lr
+    assert calls == [(0, d, "rms"), (4, d, "rms"), (4, 2e-3, "rms")]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert set(cells) == {"local@0", "local@4", "local@4 lr=0.002"}
-    assert cells["local@4"]["lr"] == 5e-4 and cells["local@4 lr=0.002"]["lr"] == 2e-3
+    assert cells["local@4"]["lr"] == RecoverConfig.lr and cells["local@4 lr=0.002"]["lr"] == 2e-3
     assert (tmp_path / "recovery_t.png").stat().st_size > 1000
     assert bench.main([*argv, "--local-lr", "2e-3"]) == 0  # cached, and the default-rate cell is kept
     assert len(calls) == 3
     assert set(json.loads((tmp_path / "recovery_t.json").read_text())["cells"]) == set(cells)
+    assert bench.main([*argv, "--local-lr", "2e-3", "--lr-scale", "none"]) == 0  # absolute rates: cells of their own
+    assert calls[3:] == [(4, 2e-3, "none")]
+    cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
+    assert cells["local@4 lr=0.002 scale=none"]["lr_scale"] == "none" and cells["local@4 lr=0.002"]["lr_scale"] == "rms"

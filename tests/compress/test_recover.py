@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.recover import RecoverConfig, RecoveryError, distill, relative_error, split_holdout
+from compress.recover import RecoverConfig, RecoveryError, distill, relative_error, split_holdout, step_sizes
 
 
 def _regression(n_batches=8, rows=32, n_in=6, n_out=5, seed=0):
@@ -98,8 +98,35 @@ def test_diverging_loss_stops_and_restores_the_start():
     assert log.val_after == log.val_before
 
 
+def test_step_sizes_are_relative_to_each_tensors_rms():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g, dtype=torch.float64), 1e-3 * torch.randn(3, generator=g)
+    got = step_sizes([a, b, torch.zeros(4), torch.empty(0, 3)], 0.01, "rms")
+    want = [0.01 * math.sqrt(sum(x * x for x in t.flatten().tolist()) / t.numel()) for t in (a, b)]
+    assert got[:2] == pytest.approx(want, rel=1e-12) and got[2] == 0.0 and got[3] == 0.01
+    assert step_sizes([a, b], 0.01, "none") == [0.01, 0.01]
+
+
+@pytest.mark.parametrize("scale", [30.0, 1e3])
+def test_relative_rates_train_any_scale_alike(scale):
+    """The same regression with weights (and targets) ``scale`` times larger: relative rates take
+    the same path, so the relative error ends where it does at scale 1; one absolute rate does not.
+    (Larger, not smaller: the gradient clipping's absolute norm would bind on small weights.)"""
+    def train(c, lr_scale):
+        w, w_star, xs = _regression()
+        w = nn.Parameter(c * w.detach(), requires_grad=False)
+        log = distill([w], lambda b: relative_error(xs[b] @ w.T, c * xs[b] @ w_star.T), len(xs),
+                      RecoverConfig(steps=40, lr=2e-2, lr_scale=lr_scale, check_every=10, patience=30))
+        return log.val_after, ((w.detach() - c * w_star).norm() / (c * w_star).norm()).item()
+
+    base = train(1.0, "rms")
+    assert train(scale, "rms") == pytest.approx(base, rel=0.05)
+    assert train(1.0, "none")[0] < 2 * base[0]  # at scale 1 the two are alike ...
+    assert train(scale, "none")[0] > 3 * base[0]  # ... at another scale one absolute rate is far off
+
+
 def test_config_is_checked():
-    for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0)):
+    for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x")):
         with pytest.raises(ValueError, match="recover"):
             bad.check()
 
@@ -125,12 +152,13 @@ def test_recovery_lowers_the_held_out_loss_and_keeps_the_layout(tiny_llama, text
 
     plain = _run(tiny_llama, tmp_path / "plain", text_file, "--method", method, "--ratio", "0.4")
     rec = _run(tiny_llama, tmp_path / "rec", text_file, "--method", method, "--ratio", "0.4",
-               "--recover-steps", "30", "--recover-lr", "1e-4")
+               "--recover-steps", "30", "--recover-lr", "5e-3")
     groups = rec["recovery"]["per_group"]
     assert sorted(groups, key=int) == [str(g[0]) for g in rec["groups"]]
     assert all(g["val_after"] <= g["val_before"] for g in groups.values())
     assert sum(g["best_step"] > 0 for g in groups.values()) >= len(groups) // 2
     assert rec["recovery"]["val_after"] < rec["recovery"]["val_before"]
+    assert rec["recovery"]["improved"] == sum(g["best_step"] > 0 for g in groups.values())
     assert rec["settings"]["recover"]["steps"] == 30 and rec["ranks"] == plain["ranks"]
     a, b = CheckpointReader(tmp_path / "plain"), CheckpointReader(tmp_path / "rec")
     assert a.manifest.linears == b.manifest.linears and a.manifest.bases == b.manifest.bases
@@ -148,7 +176,7 @@ def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_pa
     from soco_serve.hf import load_soco_model
 
     rep = _run(tiny_llama_f64, tmp_path / "ck", text_file, "--method", "svd-llm", "--full-rank", "--recover-steps", "10",
-               "--recover-lr", "1e-4")
+               "--recover-lr", "5e-3")
     assert rep["recovery"]["steps"] > 0
     ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
