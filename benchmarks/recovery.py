@@ -7,7 +7,8 @@ matrices kept dense) on the same calibration windows, with the same held-out spl
 
 * ``local@N``: one ``soco-compress --recover-steps N`` run (group by group against the dense
   group's outputs, memory bounded by one group): its perplexity and recovery seconds; with
-  ``--local-lr 5e-4,1e-3`` one cell per steps and rate, keyed ``local@N lr=R`` off the default rate;
+  ``--local-lr 5e-3,2e-2`` one cell per steps and rate, keyed ``local@N lr=R`` off the default rate
+  (and ``scale=S`` off the default ``--lr-scale``);
 * ``e2e``: the ``local@0`` checkpoint loaded whole with transformers and trained against the
   dense model's next-token distribution (top-k KL, :func:`compress.soco.topk_kl`), the training
   loop of the compressor's stage (:func:`compress.recover.distill`); perplexity on the evaluation
@@ -60,9 +61,15 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, scale: str, windows: 
     return cell
 
 
+def cell_rate(cell: dict) -> tuple[float, str]:
+    """A local cell's learning rate and scale. Cells without ``lr_scale`` were run before the rate
+    was relative: absolute rates."""
+    return cell["lr"], cell.get("lr_scale", "none")
+
+
 def local_key(steps: int, lr: float, scale: str) -> str:
     """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
-    default scale). Cells without ``lr_scale`` were run before the rate was relative: absolute rates."""
+    default scale)."""
     if not steps:
         return "local@0"
     key = f"local@{steps}" if lr == RecoverConfig.lr else f"local@{steps} lr={lr:g}"
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for steps in sorted({0, *(int(s) for s in a.local_steps.split(",") if s)}):
         for lr in [float(x) for x in a.local_lr.split(",")] if steps else [RecoverConfig.lr]:
             key = local_key(steps, lr, a.lr_scale)
-            if key not in cells or (steps and (cells[key].get("lr"), cells[key].get("lr_scale", "none")) != (lr, a.lr_scale)):
+            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale)):
                 print(f"== {key}", flush=True)
                 cells[key] = {**local_cell(cfg, steps, lr, a.lr_scale, windows), "lr": lr, "lr_scale": a.lr_scale,
                               **here}
@@ -190,13 +197,10 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
     # one line per learning rate, each starting from the truncation (local@0)
-    def rate(c: dict) -> tuple[float, str]:
-        return c["lr"], c.get("lr_scale", "none")
-
-    rates = sorted({rate(c) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
+    rates = sorted({cell_rate(c) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
                    or {(RecoverConfig.lr, RecoverConfig.lr_scale)})
     lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
-                       if k == "local@0" or (k.startswith("local@") and rate(c) == r)) for r in rates}
+                       if k == "local@0" or (k.startswith("local@") and cell_rate(c) == r)) for r in rates}
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
         for (lr, scale), local in lines.items():
