@@ -8,6 +8,10 @@ and per group, perplexity dense and compressed from its report), then ``vllm ser
 --load-format soco`` on 127.0.0.1 with the CPU flags, and the same questions asked of it through
 the ``openai`` client as of the dense model (served the same way). Finished cells are cached in
 ``benchmarks/results/real_<name>.json``, so a killed run continues; checkpoints go to ``--out``.
+
+soco trains once for several ratios: the cell ``soco@0.2+0.3`` is one compression (``--ratio
+0.2,0.3``) that fills the cells ``soco@0.2`` and ``soco@0.3``, each with the run's wall time and
+peak memory. ``--soco-steps`` scales its training to the machine; the cell records the value.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
     p.add_argument("--no-serve", action="store_true", help="compress and evaluate only")
+    p.add_argument("--soco-steps", type=int, default=None,
+                   help="soco's training steps (default: the compressor's); recorded in the cell")
     a = p.parse_args(argv)
     import torch
 
@@ -81,35 +87,49 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_serve and "dense" not in res:
         res["dense"] = ask(a.model, None)
         save()
-    for cell in [c for c in a.cells.split(",") if c]:
-        method, ratio = cell.split("@")
+    for spec in [c for c in a.cells.split(",") if c]:
+        method, ratios = spec.split("@")
+        ratios = ratios.split("+")
         method, recover = method.removesuffix("+recover"), method.endswith("+recover")
-        c = cells.setdefault(cell, {})
-        ckpt = a.out / a.name / cell.replace("@", "-")
-        if "report" not in c:
-            r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method, "--ratio", ratio,
-                                           "--calib-windows", str(a.calib_windows), "--eval-windows",
-                                           str(a.eval_windows), "--seq-len", str(a.seq_len), "--no-progress",
-                                           *([] if recover else ["--recover-steps", "0"])])
+        keys = [f"{method}{'+recover' if recover else ''}@{r}" for r in ratios]
+        ckpt = a.out / a.name / spec.replace("@", "-")
+        # one run fills every ratio's cell; each ratio's checkpoint is ckpt/ratio-<r> when there are several
+        ckpts = {k: ckpt if len(ratios) == 1 else ckpt / f"ratio-{float(r):g}" for k, r in zip(keys, ratios)}
+        if not all("report" in cells.get(k, {}) for k in keys):
+            extra = ["--soco-steps", str(a.soco_steps)] if method == "soco" and a.soco_steps is not None else []
+            r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method,
+                                           "--ratio", ",".join(ratios), "--calib-windows", str(a.calib_windows),
+                                           "--eval-windows", str(a.eval_windows), "--seq-len", str(a.seq_len),
+                                           "--no-progress", *([] if recover else ["--recover-steps", "0"]), *extra])
             if "error" in r:
-                print(f"{cell}: compression failed:\n{r['error']}", flush=True)
-                c.update(r)
+                print(f"{spec}: compression failed:\n{r['error']}", flush=True)
+                for k in keys:
+                    cells[k] = dict(r)
                 save()
                 continue
             rep = r.pop("report")
-            c.update(r, report={k: rep[k] for k in ("achieved_ratio", "model_ratio", "ppl_dense", "ppl_compressed",
-                                                    "eval_tokens", "seconds", "seconds_per_group", "memory",
-                                                    "linear_params", "model_params")})
-            if "recovery" in rep:  # the stage's totals and settings; the per-group logs stay in the checkpoint's report
-                c["report"]["recovery"] = {k: v for k, v in rep["recovery"].items() if k != "per_group"}
-                c["report"]["recover_settings"] = rep["settings"]["recover"]
+            reps = [rep] if len(ratios) == 1 else [rep["checkpoints"][str(ckpts[k])] for k in keys]
+            for k, rk in zip(keys, reps):
+                c = cells[k] = dict(r)
+                c["report"] = {k2: rk[k2] for k2 in ("achieved_ratio", "model_ratio", "ppl_dense", "ppl_compressed",
+                                                     "eval_tokens", "seconds", "seconds_per_group", "memory",
+                                                     "linear_params", "model_params")}
+                if extra:
+                    c["report"]["soco_steps"] = a.soco_steps
+                if len(ratios) > 1:
+                    c["report"]["trained_with"] = spec  # the run that trained this cell's scores
+                if "recovery" in rk:  # the stage's totals and settings; the per-group logs stay in the checkpoint's report
+                    c["report"]["recovery"] = {k2: v for k2, v in rk["recovery"].items() if k2 != "per_group"}
+                    c["report"]["recover_settings"] = rk["settings"]["recover"]
             save()
-        print(f"{cell}: ppl {c['report']['ppl_dense']:.2f} -> {c['report']['ppl_compressed']:.2f}, peak RSS "
-              f"{c['peak_rss_bytes'] / 2**30:.2f} GiB, {c['wall_seconds']} s", flush=True)
-        if not a.no_serve and "served" not in c:
-            c["served"] = ask(ckpt, "soco")
-            save()
-            print(json.dumps(c["served"], indent=2), flush=True)
+        for k in keys:
+            c = cells[k]
+            print(f"{k}: ppl {c['report']['ppl_dense']:.2f} -> {c['report']['ppl_compressed']:.2f}, peak RSS "
+                  f"{c['peak_rss_bytes'] / 2**30:.2f} GiB, {c['wall_seconds']} s", flush=True)
+            if not a.no_serve and "served" not in c:
+                c["served"] = ask(ckpts[k], "soco")
+                save()
+                print(json.dumps(c["served"], indent=2), flush=True)
     return 0
 
 

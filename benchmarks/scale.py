@@ -131,8 +131,12 @@ def compress_subprocess(code: Path, argv: list[str]) -> dict:
     if proc.returncode != 0:  # negative: killed by that signal (SIGKILL -9 is the kernel's OOM killer's)
         return {**out, "returncode": proc.returncode,
                 "error": (proc.stderr or proc.stdout)[-2000:] or f"killed by signal {-proc.returncode}"}
-    report_path = Path(argv[argv.index("-o") + 1]) / "report.json"
-    return {**out, "report": json.loads(report_path.read_text())}
+    output = Path(argv[argv.index("-o") + 1])
+    if (output / "report.json").exists():
+        return {**out, "report": json.loads((output / "report.json").read_text())}
+    # several ratios: OUTPUT/ratio-<r>/report.json each, returned as the pipeline returns them
+    return {**out, "report": {"checkpoints": {str(d): json.loads((d / "report.json").read_text())
+                                              for d in sorted(output.glob("ratio-*"))}}}
 
 
 def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: Path) -> dict:

@@ -1,0 +1,27 @@
+"""benchmarks/real_model.py's cells on a tiny random model (``--no-serve``: the serving half is
+tests/soco_serve's): one soco run fills a cell per ratio, and finished cells are not recompressed."""
+
+import json
+
+from tests.helpers import load_benchmark
+
+
+def test_one_soco_run_fills_every_ratios_cell_and_cells_are_cached(tiny_llama, tmp_path, monkeypatch, capsys):
+    real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
+    argv = [str(tiny_llama), "--name", "t", "--cells", "soco@0.2+0.3,svd-llm@0.3", "--soco-steps", "1",
+            "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--no-serve", "--out", str(tmp_path)]
+    assert real.main(argv) == 0
+    cells = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]
+    assert sorted(cells) == ["soco@0.2", "soco@0.3", "svd-llm@0.3"]
+    for key, ratio in (("soco@0.2", 0.2), ("soco@0.3", 0.3), ("svd-llm@0.3", 0.3)):
+        assert "error" not in cells[key], cells[key].get("error")
+        assert abs(cells[key]["report"]["achieved_ratio"] - ratio) < 0.02, key
+    soco = [cells["soco@0.2"], cells["soco@0.3"]]
+    assert all(c["report"]["trained_with"] == "soco@0.2+0.3" and c["report"]["soco_steps"] == 1 for c in soco)
+    assert soco[0]["wall_seconds"] == soco[1]["wall_seconds"]  # one run
+    assert soco[0]["report"]["ppl_compressed"] != soco[1]["report"]["ppl_compressed"]
+    assert "soco_steps" not in cells["svd-llm@0.3"]["report"]
+    assert (tmp_path / "t" / "soco-0.2+0.3" / "ratio-0.2" / "report.json").exists()
+    mtime = (tmp_path / "results" / "real_t.json").stat().st_mtime_ns
+    assert real.main(argv) == 0  # every cell cached: nothing recompressed, nothing rewritten
+    assert (tmp_path / "results" / "real_t.json").stat().st_mtime_ns == mtime
