@@ -13,7 +13,9 @@ matrices kept dense) on the same calibration windows, with the same held-out spl
   dense model's next-token distribution (top-k KL, :func:`compress.soco.topk_kl`), the training
   loop of the compressor's stage (:func:`compress.recover.distill`); perplexity on the evaluation
   windows at every validation, so one run draws the whole curve. Its memory grows with the model:
-  it is the reference the bounded form is measured against, not a product path.
+  it is the reference the bounded form is measured against, not a product path. With
+  ``--e2e-from N`` it starts from ``local@N`` instead (cell ``e2e after local@N``): whether an
+  end-to-end stage after the local one buys more than more local steps.
 
 Perplexity on the default text's evaluation split and on ``--other-text`` (default ``pydoc``:
 Python's reference documentation, another domain). Cells are cached in
@@ -26,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +63,12 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, scale: str, windows: 
     return cell
 
 
+def checkpoint_recovery(ckpt: Path) -> dict | None:
+    """The recovery settings a checkpoint folder was written with (None if there is none)."""
+    report = ckpt / "report.json"
+    return json.loads(report.read_text())["settings"]["recover"] if report.exists() else None
+
+
 def cell_rate(cell: dict) -> tuple[float, str]:
     """A local cell's learning rate and scale. Cells without ``lr_scale`` were run before the rate
     was relative: absolute rates."""
@@ -76,8 +84,18 @@ def local_key(steps: int, lr: float, scale: str) -> str:
     return key if scale == RecoverConfig.lr_scale else f"{key} scale={scale}"
 
 
+def e2e_start(a: argparse.Namespace) -> str:
+    """The local cell the end-to-end cell starts from (the first --local-lr's)."""
+    return local_key(a.e2e_from, float(a.local_lr.split(",")[0]), a.lr_scale)
+
+
+def e2e_key(start: str) -> str:
+    return "e2e" if start == "local@0" else f"e2e after {start}"
+
+
 def e2e_settings(a: argparse.Namespace) -> dict:
-    return {"steps": a.e2e_steps, "lr": a.e2e_lr, "lr_scale": a.lr_scale, "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
+    return {"from": e2e_start(a), "steps": a.e2e_steps, "lr": a.e2e_lr, "lr_scale": a.lr_scale,
+            "seq_len": a.e2e_seq_len, "batch": a.e2e_batch, "topk": a.topk,
             "check_every": a.check_every, "patience": a.patience}
 
 
@@ -133,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
     p.add_argument("--e2e-batch", type=int, default=2, help="end-to-end windows per step")
+    p.add_argument("--e2e-from", type=int, default=0, metavar="N",
+                   help="start the end-to-end cell from local@N (at the first --local-lr); 0: from the truncation")
     p.add_argument("--topk", type=int, default=64, help="teacher log-probabilities kept per token")
     p.add_argument("--check-every", type=int, default=25)
     p.add_argument("--patience", type=int, default=4)
@@ -170,19 +190,28 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2) + "\n")
     save()
-    for steps in sorted({0, *(int(s) for s in a.local_steps.split(",") if s)}):
-        for lr in [float(x) for x in a.local_lr.split(",")] if steps else [RecoverConfig.lr]:
+    lrs = [float(x) for x in a.local_lr.split(",")]
+    ekey = e2e_key(e2e_start(a))
+    # cells from before --e2e-from have no "from": they started at the truncation
+    cached = {"from": "local@0", **{k: v for k, v in cells.get(ekey, {}).get("settings", {}).items() if k != "windows"}}
+    run_e2e = bool(a.e2e_steps) and cached != e2e_settings(a)
+    start = a.work / name / f"local-{a.e2e_from}"  # the end-to-end cell's starting checkpoint
+    for steps in sorted({0, a.e2e_from, *(int(s) for s in a.local_steps.split(",") if s)}):
+        for lr in lrs if steps else [RecoverConfig.lr]:
             key = local_key(steps, lr, a.lr_scale)
-            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale)):
+            # a local cell's checkpoint folder is shared by its rates (and gone with /tmp): rebuilt when the
+            # end-to-end cell is to start from it and it holds another run
+            rebuild = run_e2e and steps == a.e2e_from and lr == lrs[0] and \
+                checkpoint_recovery(start) != asdict(RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale))
+            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale)) or rebuild:
                 print(f"== {key}", flush=True)
                 cells[key] = {**local_cell(cfg, steps, lr, a.lr_scale, windows), "lr": lr, "lr_scale": a.lr_scale,
                               **here}
                 save()
             print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
-    cached = {k: v for k, v in cells.get("e2e", {}).get("settings", {}).items() if k != "windows"}
-    if a.e2e_steps and cached != e2e_settings(a):
-        print("== e2e", flush=True)
-        cells["e2e"] = {**e2e_cell(cfg, a.work / name / "local-0", a, windows, dense, tok), **here}
+    if run_e2e:
+        print(f"== {ekey}", flush=True)
+        cells[ekey] = {**e2e_cell(cfg, start, a, windows, dense, tok), **here}
         save()
     plot(res, path.with_suffix(".png"))
     return 0
@@ -209,9 +238,11 @@ def plot(res: dict, path: Path) -> None:
             for s, c, k in local:
                 ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
                             xytext=(3, 3))
-        if "e2e" in cells:
-            curve = cells["e2e"]["curve"]
-            ax.plot([c["seconds"] / 60 for c in curve], [c[field] for c in curve], marker=".", label="end to end")
+        for key, c in cells.items():
+            if key.startswith("e2e"):  # after a local cell: its curve starts where that cell's training ended
+                start = cells[c["settings"].get("from", "local@0")].get("recover_seconds", 0.0)
+                ax.plot([(start + p["seconds"]) / 60 for p in c["curve"]], [p[field] for p in c["curve"]], marker=".",
+                        label="end to end" if key == "e2e" else f"{key.replace('e2e', 'end to end')}")
         ax.axhline(dense, color="gray", ls="--", label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("training minutes (evaluation excluded)")

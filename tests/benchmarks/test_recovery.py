@@ -1,6 +1,7 @@
 """benchmarks/recovery.py on a tiny random Llama: local cells, the end-to-end curve, the plot, the cache."""
 
 import json
+import shutil
 
 import pytest
 
@@ -30,6 +31,20 @@ def test_local_and_end_to_end_cells(bench, tiny_llama, tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(argv) == 0  # everything cached: no compressor run
     assert "== " not in capsys.readouterr().out
+
+    # An end-to-end stage after the local one starts from local@4's checkpoint, which is reused ...
+    assert bench.main([*argv, "--e2e-from", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "== e2e after local@4" in out and "== local@4" not in out
+    res = json.loads((tmp_path / "recovery_t.json").read_text())
+    after = res["cells"]["e2e after local@4"]
+    assert after["settings"]["from"] == "local@4" and res["cells"]["e2e"] == e2e  # both kept
+    assert after["curve"][0]["ppl"] == pytest.approx(res["cells"]["local@4"]["ppl"], rel=1e-4)
+    # ... and rebuilt when its folder holds another run (here: gone)
+    shutil.rmtree(tmp_path / "w" / "t" / "local-4")
+    assert bench.main([*argv, "--e2e-from", "4", "--e2e-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "== local@4" in out and "== e2e after local@4" in out
 
 
 
