@@ -23,7 +23,8 @@ costs against ``soco``, which trains once per ratio) and ``soco-shared-onerun`` 
 bases). Every row but the one-run ones also comes as ``<row>+recover`` (with the recovery stage,
 :mod:`compress.recover`, at ``--recover-steps`` and ``--recover-lr``) and ``<row>+recover-seed1``
 (the same with calibration seed 1). Cells are recomputed when the soco or recovery settings differ
-from the cached ones; docs/results.md gives each row's time.
+from the cached ones; docs/results.md gives each row's time. ``--report-only`` computes nothing and
+writes the table and plots from the cells as cached, for rows computed a few cells at a time.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-text", default=None, help="a further evaluation text (.txt/.jsonl): a second perplexity")
     p.add_argument("--name", default="default", help="result file stem: quality_<name>.*")
     p.add_argument("--fresh", action="store_true", help="ignore cached cells")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: write the table and plots of --methods and --ratios from the JSON's cells "
+                        "as they are (a table over rows that were computed a few at a time)")
     p.add_argument("--rank-ratio", type=float, default=0.4, help="the ratio whose ranks _ranks.png compares")
     d = SocoConfig()
     p.add_argument("--recover-steps", type=int, default=DEFAULT_STEPS,
@@ -191,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in methods:
             one_run = BENCH_METHODS[method].one_run
-            todo = [r for r in ratios if not cached(method, r)]
+            todo = [] if a.report_only else [r for r in ratios if not cached(method, r)]
             for r in ratios:
-                if r not in todo:
+                if r not in todo and cell_key(method, r) in cells:
                     print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
             runs = [(tuple(ratios), ratios)] if one_run and todo else [((), [r]) for r in todo]
             for multi, rs in runs:  # a one-run row: one training run, every ratio (cached ones too)

@@ -37,6 +37,13 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("cached ppl") == 10 and "ppl " not in out.replace("cached ppl", "")
+    # --report-only: a table over rows of which some were never computed, and nothing computed
+    assert quality.main([*argv[:3], "svd,svd-llm", *argv[4:], "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cached ppl") == 2 and "svd-llm@" not in out.split("| method |")[0]
+    assert "svd-llm@0.3" not in json.loads((tmp_path / "quality_t.json").read_text())["cells"]
+    rows = [line for line in (tmp_path / "quality_t.md").read_text().splitlines() if line.startswith("| svd")]
+    assert rows[0].startswith("| svd | ") and "–" not in rows[0] and rows[1] == "| svd-llm | – | – |"
 
 
 def test_other_settings_start_the_file_afresh(quality, tiny_llama, text_file, tmp_path, capsys):
