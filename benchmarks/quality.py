@@ -141,14 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         results = {"cells": {}}
         cells = results["cells"]
     extra_windows = None
-    if a.eval_text:
+    if a.eval_text and not a.report_only:
         dense, tok, _ = models.load_model(model_path)
         extra_windows = data.text_eval_windows(tok, a.eval_text, a.seq_len, a.eval_windows)
         extra = evaluate.perplexity(dense, extra_windows, progress=False)
         results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
         del dense
-    results.update(model=model_path, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-                   calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
+    if not a.report_only:  # the file's machine is the one that computed its latest cells
+        results.update(model=model_path, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+                       calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
     soco_settings = asdict(soco_cfg)
 
     recover_cfg = RecoverConfig(steps=a.recover_steps, lr=a.recover_lr)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                       "model_ratio": report["model_ratio"], "ppl": report["ppl_compressed"],
                       "coefficient_update": report["settings"]["coefficient_update"],
                       "seconds": round(sum(seconds.values()), 1), "stage_seconds": seconds,
-                      "device": results["device"], "ranks": report["ranks"]}
+                      "device": results["device"], "threads": results["threads"], "ranks": report["ranks"]}
         if extra_windows is not None:
             cells[key].update(eval_text=a.eval_text, ppl_eval_text=evaluate.perplexity(
                 load_soco_model(ckpt), extra_windows, progress=False).ppl)
@@ -236,10 +237,12 @@ def write_table(results: dict, methods: list[str], ratios: list[float], path: Pa
     if results.get("eval_text"):
         lines += ["", f"Perplexity on {results['eval_text']}, {results['eval_text_tokens']:,} tokens "
                       f"(dense {results['ppl_dense_eval_text']:.2f}).", "", *table("ppl_eval_text", ".2f")]
-    devices = sorted({c.get("device", "a CPU not recorded") for c in results["cells"].values()})
+    shown = [c for m in methods for r in ratios if (c := cells.get(cell_key(m, r)))]
+    devices = sorted({c.get("device", "a CPU not recorded") for c in shown})
+    threads = sorted({c.get("threads", results["threads"]) for c in shown})
     lines += ["", f"Seconds to compress each cell (decomposition, plus the coefficient update or soco training "
-                  f"where used; evaluation excluded; {results['threads']} threads on {' and '.join(devices)}"
-                  f"{': each cell names its own in the JSON' if len(devices) > 1 else ''}).",
+                  f"where used; evaluation excluded; {' or '.join(map(str, threads))} threads on {' and '.join(devices)}"
+                  f"{': each cell names its own in the JSON' if len(devices) > 1 or len(threads) > 1 else ''}).",
               "", *table("seconds", ".0f")]
     path.write_text("\n".join(lines) + "\n")
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.helpers import load_benchmark
 
@@ -37,8 +38,16 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("cached ppl") == 10 and "ppl " not in out.replace("cached ppl", "")
-    # --report-only: a table over rows of which some were never computed, and nothing computed
-    assert quality.main([*argv[:3], "svd,svd-llm", *argv[4:], "--report-only"]) == 0
+    # --report-only: a table over rows of which some were never computed, and nothing computed;
+    # the file keeps the machine and threads that computed its cells, whatever the report runs on
+    before, threads = (tmp_path / "quality_t.json").read_text(), torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert quality.main([*argv[:3], "svd,svd-llm", *argv[4:], "--report-only"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "quality_t.json").read_text() == before
+    assert f"; {threads} threads on " in (tmp_path / "quality_t.md").read_text()
     out = capsys.readouterr().out
     assert out.count("cached ppl") == 2 and "svd-llm@" not in out.split("| method |")[0]
     assert "svd-llm@0.3" not in json.loads((tmp_path / "quality_t.json").read_text())["cells"]
