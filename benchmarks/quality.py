@@ -124,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in BENCH_METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {sorted(BENCH_METHODS)}")
+    if a.report_only:  # read the file as it is: no setting of this call resets it, nothing rewrites it
+        if not out_json.exists():
+            raise SystemExit(f"{out_json}: no cached cells to report; run without --report-only first")
+        results = json.loads(out_json.read_text())
+        for m in methods:
+            for r in ratios:
+                print_cached(results["cells"], cell_key(m, r))
+        write_reports(results, methods, ratios, a.rank_ratio, a.name)
+        return 0
     results = {} if a.fresh or not out_json.exists() else json.loads(out_json.read_text())
     setting = {"calib_windows": a.calib_windows, "eval_windows": a.eval_windows, "seq_len": a.seq_len}
     stale = {k: (results[k], v) for k, v in setting.items() if k in results and results[k] != v}
@@ -141,15 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         results = {"cells": {}}
         cells = results["cells"]
     extra_windows = None
-    if a.eval_text and not a.report_only:
+    if a.eval_text:
         dense, tok, _ = models.load_model(model_path)
         extra_windows = data.text_eval_windows(tok, a.eval_text, a.seq_len, a.eval_windows)
         extra = evaluate.perplexity(dense, extra_windows, progress=False)
         results.update(eval_text=a.eval_text, eval_text_tokens=extra.tokens, ppl_dense_eval_text=extra.ppl)
         del dense
-    if not a.report_only:  # the file's machine is the one that computed its latest cells
-        results.update(model=model_path, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-                       calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
+    results.update(model=model_path, device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+                   calib_windows=a.calib_windows, eval_windows=a.eval_windows, seq_len=a.seq_len)
     soco_settings = asdict(soco_cfg)
 
     recover_cfg = RecoverConfig(steps=a.recover_steps, lr=a.recover_lr)
@@ -196,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in methods:
             one_run = BENCH_METHODS[method].one_run
-            todo = [] if a.report_only else [r for r in ratios if not cached(method, r)]
+            todo = [r for r in ratios if not cached(method, r)]
             for r in ratios:
-                if r not in todo and cell_key(method, r) in cells:
-                    print(f"{cell_key(method, r):>22}: cached ppl {cells[cell_key(method, r)]['ppl']:.3f}")
+                if r not in todo:
+                    print_cached(cells, cell_key(method, r))
             runs = [(tuple(ratios), ratios)] if one_run and todo else [((), [r]) for r in todo]
             for multi, rs in runs:  # a one-run row: one training run, every ratio (cached ones too)
                 cfg = replace(config(method, min(rs)), ratios=multi, output=scratch / method, force=True)
@@ -212,11 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results, methods, ratios, RESULTS / f"quality_{a.name}.md")
-    plot(results, methods, ratios, RESULTS / f"quality_{a.name}.png")
-    plot_rank_comparison(results, methods, a.rank_ratio, RESULTS / f"quality_{a.name}_ranks.png")
-    print((RESULTS / f"quality_{a.name}.md").read_text())
+    write_reports(results, methods, ratios, a.rank_ratio, a.name)
     return 0
+
+
+def print_cached(cells: dict, key: str) -> None:
+    if key in cells:
+        print(f"{key:>22}: cached ppl {cells[key]['ppl']:.3f}")
+
+
+def write_reports(results: dict, methods: list[str], ratios: list[float], rank_ratio: float, name: str) -> None:
+    """The table, the plot and the rank comparison of ``methods`` × ``ratios`` from the cells in ``results``."""
+    write_table(results, methods, ratios, RESULTS / f"quality_{name}.md")
+    plot(results, methods, ratios, RESULTS / f"quality_{name}.png")
+    plot_rank_comparison(results, methods, rank_ratio, RESULTS / f"quality_{name}_ranks.png")
+    print((RESULTS / f"quality_{name}.md").read_text())
 
 
 def write_table(results: dict, methods: list[str], ratios: list[float], path: Path) -> None:

@@ -53,6 +53,9 @@ def test_peer_cells_eval_text_and_resume(quality, tiny_llama, text_file, tmp_pat
     assert "svd-llm@0.3" not in json.loads((tmp_path / "quality_t.json").read_text())["cells"]
     rows = [line for line in (tmp_path / "quality_t.md").read_text().splitlines() if line.startswith("| svd")]
     assert rows[0].startswith("| svd | ") and "–" not in rows[0] and rows[1] == "| svd-llm | – | – |"
+    # nor does --report-only with a setting that would start a computing run afresh reset the file
+    assert quality.main([*argv[:3], "svd,svd-llm", *argv[4:], "--calib-windows", "3", "--fresh", "--report-only"]) == 0
+    assert (tmp_path / "quality_t.json").read_text() == before
 
 
 def test_other_settings_start_the_file_afresh(quality, tiny_llama, text_file, tmp_path, capsys):
