@@ -141,10 +141,11 @@ def compress_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", default=None, metavar="SRC",
                    help="calibration text (.txt, .jsonl, or 'wikitext2'); default: the calibration split "
                         "of the embedded Wikipedia sample")
-    c.add_argument("--calib-chat", default=None, metavar="FILE.jsonl",
+    c.add_argument("--calib-chat", default=None, metavar="FILE.jsonl|articles",
                    help="chats, one {\"messages\": [...]} per line (a chat dataset, or the model's own from "
-                        "'soco-compress selfchat'), rendered with the model's chat template: an instruct model "
-                        "calibrated on plain text alone stops answering in its chat format")
+                        "'soco-compress selfchat'), or 'articles': the default text's calibration articles, each "
+                        "the answer to 'Tell me about TITLE.'; rendered with the model's chat template: an "
+                        "instruct model calibrated on plain text alone stops answering in its chat format")
     c.add_argument("--calib-chat-share", type=float, default=CompressConfig.calib_chat_share,
                    help="share of the calibration windows cut from --calib-chat")
     c.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows,

@@ -37,9 +37,9 @@ class CompressConfig:
     dtype: str = "auto"
     calib_text: str | None = None
     calib_windows: int = 64  # basis-sharing needs this many to beat svd-llm (docs/results.md)
-    # chats (.jsonl of {"messages": [...]}, rendered with the model's chat template) that make up
-    # calib_chat_share of the calibration windows: an instruct model calibrated and recovered on
-    # plain text alone stops answering in its chat format (docs/results.md, Chat calibration)
+    # chats (a .jsonl of {"messages": [...]}, or data.ARTICLE_CHATS), rendered with the model's chat
+    # template, that make up calib_chat_share of the calibration windows: an instruct model calibrated
+    # and recovered on plain text alone stops answering in its chat format (docs/results.md, Chat calibration)
     calib_chat: str | None = None
     calib_chat_share: float = 0.25
     seq_len: int = 512

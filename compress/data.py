@@ -125,16 +125,42 @@ def load_text(source: str | None, split: str) -> str:
     return raw
 
 
-def load_chats(path: str, tokenizer) -> str:
+ARTICLE_CHATS = "articles"  # --calib-chat keyword: chats made from the default text's calibration articles
+ARTICLE_ANSWER_CHARS = (500, 1500)  # an article chat's answer: its body's first 1500 characters, cut back
+# to their last line break where that leaves more than 500
+
+
+def article_chats() -> list[list[dict[str, str]]]:
+    """Chats made from the default text's calibration articles, with no generation: each article's
+    opening as the assistant's answer to "Tell me about TITLE.".
+
+    What an instruct model loses first when calibrated on plain text is the chat format (the
+    template's special tokens and turns never occur in the windows); these chats put it back at no
+    cost, where :mod:`compress.selfchat` needs the whole model to generate. The answers are the
+    calibration split's own text, so no evaluation article enters calibration.
+    """
+    lo, hi = ARTICLE_ANSWER_CHARS
+    chats = []
+    for i, article in enumerate(wiki_articles()):
+        if i % EVAL_EVERY == 0:
+            continue
+        title, _, body = article.partition(ARTICLE_SEPARATOR)
+        answer = body[:hi]
+        if (cut := answer.rfind("\n")) > lo:
+            answer = answer[:cut].rstrip()
+        chats.append([{"role": "user", "content": f"Tell me about {title}."},
+                      {"role": "assistant", "content": answer}])
+    return chats
+
+
+def read_chats(path: str) -> list[list[dict[str, str]]]:
     """The chats of a ``.jsonl`` file, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per
-    line (the format of chat datasets and of :mod:`compress.selfchat`), each rendered with the
-    tokenizer's own chat template and joined: the text an instruct model reads when served
-    through a chat API, special tokens included."""
+    line: the format of chat datasets (llm-compressor calibrates on the same) and of
+    :mod:`compress.selfchat`."""
     p = Path(path)
     if p.suffix != ".jsonl" or not p.is_file():
-        raise DataError(f"{p}: expected a .jsonl file of chats, one {{\"messages\": [...]}} per line")
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{p}: the model's tokenizer has no chat template to render these chats with")
+        raise DataError(f"{p}: expected a .jsonl file of chats, one {{\"messages\": [...]}} per line, "
+                        f"or '{ARTICLE_CHATS}'")
     chats = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -144,12 +170,22 @@ def load_chats(path: str, tokenizer) -> str:
             if not (isinstance(messages, list) and messages
                     and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)):
                 raise TypeError("'messages' must be a non-empty list of {'role', 'content'} objects")
-            chats.append(tokenizer.apply_chat_template(messages, tokenize=False))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise DataError(f"{p}:{n}: expected a JSON object with a 'messages' list ({exc})") from exc
+        chats.append(messages)
     if not chats:
         raise DataError(f"{p}: no chats in the file")
-    return ARTICLE_SEPARATOR.join(chats)
+    return chats
+
+
+def load_chats(source: str, tokenizer) -> str:
+    """The chats of ``source`` (a ``.jsonl`` file, :func:`read_chats`, or ``articles``,
+    :func:`article_chats`), each rendered with the tokenizer's own chat template and joined: the
+    text an instruct model reads when served through a chat API, special tokens included."""
+    chats = article_chats() if source == ARTICLE_CHATS else read_chats(source)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the model's tokenizer has no chat template to render these chats with")
+    return ARTICLE_SEPARATOR.join(tokenizer.apply_chat_template(m, tokenize=False) for m in chats)
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:

@@ -4,8 +4,8 @@
    ``--chats N``, also N of its own chats (``soco-compress selfchat``, once, cached beside the
    model);
 2. compress it with svd-llm at ratio 0.3 and the default recovery stage, calibrated on the text
-   (and, with ``--chats``, a quarter of the windows on those chats: ``--calib-chat``), and
-   evaluate perplexity (``soco-compress``);
+   (and, with ``--calib-chat`` or ``--chats``, a quarter of the windows on chats), and evaluate
+   perplexity (``soco-compress``);
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -55,9 +55,12 @@ def main() -> int:
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
-    p.add_argument("--chats", type=int, default=0,
-                   help="calibrate a quarter of the windows on N of the model's own chats (default 0: none; "
-                        "what 64 did to the answers and the time is in docs/results.md, Chat calibration)")
+    chat = p.add_mutually_exclusive_group()
+    chat.add_argument("--calib-chat", default=None, metavar="FILE.jsonl|articles",
+                      help="calibrate a quarter of the windows on these chats (soco-compress --calib-chat)")
+    chat.add_argument("--chats", type=int, default=0,
+                      help="calibrate a quarter of the windows on N of the model's own chats (default 0: none; "
+                           "what 64 did to the answers and the time is in docs/results.md, Chat calibration)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = p.parse_args()
 
@@ -67,7 +70,9 @@ def main() -> int:
     ckpt = a.out / f"{a.method}-{a.ratio}"
     t0 = time.perf_counter()
     extra = ["--recover-steps", a.recover_steps] if a.recover_steps is not None else []
-    if a.chats:
+    if a.calib_chat:
+        extra += ["--calib-chat", a.calib_chat]
+    elif a.chats:
         chats = cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl"
         if not chats.is_file():
             print(f"== 1. the default model's own chats ({a.chats}) -> {chats}", flush=True)
@@ -78,7 +83,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(ckpt), "--force", "--method", a.method,
                     "--ratio", a.ratio, *extra], check=True, cwd=ROOT)
     compress_seconds = time.perf_counter() - t0
-    print(f"   compressed and evaluated in {compress_seconds:.0f} s{' (with the chats)' if a.chats else ''}", flush=True)
+    print(f"   compressed and evaluated in {compress_seconds:.0f} s", flush=True)
 
     answers: dict[str, list[str]] = {}
     for label, model, load_format in (("dense", default_model_dir(), None), ("compressed", ckpt, "soco")):
@@ -91,7 +96,8 @@ def main() -> int:
             answers[label] = ask(server.base_url)
         print("   server stopped", flush=True)
 
-    summary = {"method": a.method, "ratio": float(a.ratio), "chats": a.chats, "compress_seconds": round(compress_seconds, 1),
+    summary = {"method": a.method, "ratio": float(a.ratio), "chats": a.chats, "calib_chat": a.calib_chat,
+               "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
     print("== 4. the same questions through the openai client, greedy")

@@ -92,6 +92,23 @@ def test_chats_are_rendered_with_the_models_chat_template(tmp_path):
         data.load_chats(str(tmp_path / "c.jsonl"), no_template)
 
 
+def test_article_chats_ask_about_the_calibration_articles_only():
+    arts = data.wiki_articles()
+    chats = data.article_chats()
+    calibration = [a for i, a in enumerate(arts) if i % data.EVAL_EVERY]
+    assert len(chats) == len(calibration) > 50
+    lo, hi = data.ARTICLE_ANSWER_CHARS
+    evaluation = data.default_text("evaluation")
+    for (ask, answer), article in zip(chats, calibration):
+        title, _, body = article.partition(data.ARTICLE_SEPARATOR)
+        assert ask == {"role": "user", "content": f"Tell me about {title}."} and answer["role"] == "assistant"
+        assert body.startswith(answer["content"]) and lo // 2 < len(answer["content"]) <= hi
+        assert answer["content"][:200] not in evaluation  # nothing of the evaluation split enters calibration
+    plain, _ = _tokenizers()
+    text = data.load_chats(data.ARTICLE_CHATS, plain)
+    assert text.count("<|im_start|>assistant") == len(chats) and "Tell me about" in text
+
+
 def copy_without_template(tok):
     import copy
 
