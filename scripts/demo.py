@@ -55,6 +55,7 @@ def main() -> int:
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.3")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
+    p.add_argument("--seed", default="0", help="calibration seed (soco-compress --seed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--calib-chat", default=None, metavar="FILE.jsonl|articles",
                       help="calibrate a quarter of the windows on these chats (soco-compress --calib-chat)")
@@ -69,7 +70,7 @@ def main() -> int:
 
     ckpt = a.out / f"{a.method}-{a.ratio}"
     t0 = time.perf_counter()
-    extra = ["--recover-steps", a.recover_steps] if a.recover_steps is not None else []
+    extra = ["--seed", a.seed, *(["--recover-steps", a.recover_steps] if a.recover_steps is not None else [])]
     if a.calib_chat:
         extra += ["--calib-chat", a.calib_chat]
     elif a.chats:
@@ -96,7 +97,7 @@ def main() -> int:
             answers[label] = ask(server.base_url)
         print("   server stopped", flush=True)
 
-    summary = {"method": a.method, "ratio": float(a.ratio), "chats": a.chats, "calib_chat": a.calib_chat,
+    summary = {"method": a.method, "ratio": float(a.ratio), "seed": int(a.seed), "chats": a.chats, "calib_chat": a.calib_chat,
                "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
