@@ -89,6 +89,9 @@ class Method:
     shares_bases: ClassVar[bool] = False  # honours --group-size
     default_group_size: ClassVar[int] = 1
     own_settings: ClassVar[tuple[str, ...]] = ()  # CompressConfig fields that only this method reads
+    # whether recovery is on when --recover-steps is not given: a method whose truncation is already
+    # trained against the model's output loses by local recovery (docs/results.md, quality with recovery)
+    recovers_by_default: ClassVar[bool] = True
 
     def group_size(self, cfg: "CompressConfig", n_layers: int) -> int:
         return cfg.group_size if self.shares_bases else 1
@@ -326,6 +329,9 @@ class Soco(Method):
     several_ratios = True
     shares_bases = True
     own_settings = ("soco",)
+    # its scores are trained end to end; local recovery pulls each group back towards the dense
+    # group's outputs and undoes that (worse in and out of domain, docs/results.md)
+    recovers_by_default = False
 
     def check(self, cfg):
         if cfg.full_rank:
