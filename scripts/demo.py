@@ -3,9 +3,10 @@
 1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and its text; with
    ``--chats N``, also N of its own chats (``soco-compress selfchat``, once, cached beside the
    model);
-2. compress it with svd-llm at ratio 0.3 and the default recovery stage, calibrated on the text
-   (and, with ``--calib-chat`` or ``--chats``, a quarter of the windows on chats), and evaluate
-   perplexity (``soco-compress``);
+2. compress it with svd-llm at ratio 0.2 and the default recovery stage, calibrated on the text
+   with a quarter of the windows chats made from its own articles (``--calib-chat articles``; or
+   the chats of ``--calib-chat FILE`` or ``--chats N``; ``--calib-chat none``: text alone), and
+   evaluate perplexity (``soco-compress``). Why these defaults: docs/results.md, Chat calibration;
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -53,12 +54,13 @@ def main() -> int:
     p.add_argument("--method", default="svd-llm",
                    help="svd-llm by default: with recovery, the fastest of the methods (the demo's time is in "
                         "docs/results.md)")
-    p.add_argument("--ratio", default="0.3")
+    p.add_argument("--ratio", default="0.2")
     p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
     p.add_argument("--seed", default="0", help="calibration seed (soco-compress --seed)")
     chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--calib-chat", default=None, metavar="FILE.jsonl|articles",
-                      help="calibrate a quarter of the windows on these chats (soco-compress --calib-chat)")
+    chat.add_argument("--calib-chat", default="articles", metavar="FILE.jsonl|articles|none",
+                      help="calibrate a quarter of the windows on these chats (soco-compress --calib-chat); "
+                           "none: on text alone")
     chat.add_argument("--chats", type=int, default=0,
                       help="calibrate a quarter of the windows on N of the model's own chats (default 0: none; "
                            "what 64 did to the answers and the time is in docs/results.md, Chat calibration)")
@@ -71,15 +73,15 @@ def main() -> int:
     ckpt = a.out / f"{a.method}-{a.ratio}"
     t0 = time.perf_counter()
     extra = ["--seed", a.seed, *(["--recover-steps", a.recover_steps] if a.recover_steps is not None else [])]
-    if a.calib_chat:
-        extra += ["--calib-chat", a.calib_chat]
-    elif a.chats:
-        chats = cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl"
-        if not chats.is_file():
+    chats = None if a.calib_chat == "none" else a.calib_chat
+    if a.chats:
+        chats = str(cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl")
+        if not Path(chats).is_file():
             print(f"== 1. the default model's own chats ({a.chats}) -> {chats}", flush=True)
-            subprocess.run([sys.executable, "-m", "compress.cli", "selfchat", "-o", str(chats), "--n", str(a.chats)],
+            subprocess.run([sys.executable, "-m", "compress.cli", "selfchat", "-o", chats, "--n", str(a.chats)],
                            check=True, cwd=ROOT)
-        extra += ["--calib-chat", str(chats)]
+    if chats:
+        extra += ["--calib-chat", chats]
     print(f"== 1-2. compress the default model: {a.method}, ratio {a.ratio} -> {ckpt}", flush=True)
     subprocess.run([sys.executable, "-m", "compress.cli", "-o", str(ckpt), "--force", "--method", a.method,
                     "--ratio", a.ratio, *extra], check=True, cwd=ROOT)
@@ -97,7 +99,7 @@ def main() -> int:
             answers[label] = ask(server.base_url)
         print("   server stopped", flush=True)
 
-    summary = {"method": a.method, "ratio": float(a.ratio), "seed": int(a.seed), "chats": a.chats, "calib_chat": a.calib_chat,
+    summary = {"method": a.method, "ratio": float(a.ratio), "seed": int(a.seed), "chats": a.chats, "calib_chat": chats,
                "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
