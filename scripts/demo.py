@@ -3,10 +3,10 @@
 1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and its text; with
    ``--chats N``, also N of its own chats (``soco-compress selfchat``, once, cached beside the
    model);
-2. compress it with svd-llm at ratio 0.2 and the default recovery stage, calibrated on the text
+2. compress it with svd-llm at ratio 0.2 and a recovery stage of 24 steps per group, calibrated on the text
    with a quarter of the windows chats made from its own articles (``--calib-chat articles``; or
    the chats of ``--calib-chat FILE`` or ``--chats N``; ``--calib-chat none``: text alone), and
-   evaluate perplexity (``soco-compress``). Why these defaults: docs/results.md, Chat calibration;
+   evaluate perplexity on 16 windows (``soco-compress``). Why these defaults: docs/results.md, Chat calibration;
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -55,7 +55,12 @@ def main() -> int:
                    help="svd-llm by default: with recovery, the fastest of the methods (the demo's time is in "
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.2")
-    p.add_argument("--recover-steps", default=None, help="recovery steps per group (default: the compressor's)")
+    # fewer than the compressor's 32 and 32: what keeps the demo within 15 minutes on a 2-core CPU
+    p.add_argument("--recover-steps", default="24",
+                   help="recovery steps per group (soco-compress --recover-steps; default 24, the compressor's 32 "
+                        "would take the demo past 15 minutes on a 2-core CPU: docs/results.md, Chat calibration)")
+    p.add_argument("--eval-windows", default="16",
+                   help="perplexity windows (soco-compress --eval-windows; default 16, the compressor's 32)")
     p.add_argument("--seed", default="0", help="calibration seed (soco-compress --seed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--calib-chat", default="articles", metavar="FILE.jsonl|articles|none",
@@ -71,8 +76,8 @@ def main() -> int:
     from soco_serve.server import VllmServer
 
     ckpt = a.out / f"{a.method}-{a.ratio}"
-    t0 = time.perf_counter()
-    extra = ["--seed", a.seed, *(["--recover-steps", a.recover_steps] if a.recover_steps is not None else [])]
+    t_start = t0 = time.perf_counter()
+    extra = ["--seed", a.seed, "--recover-steps", a.recover_steps, "--eval-windows", a.eval_windows]
     chats = None if a.calib_chat == "none" else a.calib_chat
     if a.chats:
         chats = str(cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl")
@@ -100,6 +105,7 @@ def main() -> int:
         print("   server stopped", flush=True)
 
     summary = {"method": a.method, "ratio": float(a.ratio), "seed": int(a.seed), "chats": a.chats, "calib_chat": chats,
+               "recover_steps": int(a.recover_steps), "eval_windows": int(a.eval_windows),
                "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}
@@ -117,6 +123,7 @@ def main() -> int:
     print(f"== perplexity: dense {report['ppl_dense']:.2f}, compressed {report['ppl_compressed']:.2f} "
           f"({report['eval_tokens']:,} tokens); ratio {report['achieved_ratio']:.3f} of linear weights, "
           f"{report['model_ratio']:.3f} of the model")
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     summary.update({k: report[k] for k in ("ppl_dense", "ppl_compressed", "eval_tokens", "achieved_ratio", "model_ratio")},
                    recovery={k: v for k, v in report.get("recovery", {}).items() if k != "per_group"})
     (a.out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
