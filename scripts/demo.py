@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+# Fewer than the compressor's 32 and 32: what keeps the demo within 15 minutes on a 2-core CPU.
+RECOVER_STEPS = 24
+EVAL_WINDOWS = 16
+
 QUESTIONS = (("chat", "What is the capital of France?"), ("completion", "The three primary colours are"))
 
 
@@ -55,12 +59,12 @@ def main() -> int:
                    help="svd-llm by default: with recovery, the fastest of the methods (the demo's time is in "
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.2")
-    # fewer than the compressor's 32 and 32: what keeps the demo within 15 minutes on a 2-core CPU
-    p.add_argument("--recover-steps", default="24",
-                   help="recovery steps per group (soco-compress --recover-steps; default 24, the compressor's 32 "
-                        "would take the demo past 15 minutes on a 2-core CPU: docs/results.md, Chat calibration)")
-    p.add_argument("--eval-windows", default="16",
-                   help="perplexity windows (soco-compress --eval-windows; default 16, the compressor's 32)")
+    p.add_argument("--recover-steps", default=None,
+                   help=f"recovery steps per group (soco-compress --recover-steps; default {RECOVER_STEPS} for the "
+                        "methods the compressor recovers by default, where its 32 would take the demo past 15 "
+                        "minutes on a 2-core CPU: docs/results.md, Chat calibration; none for the others)")
+    p.add_argument("--eval-windows", default=str(EVAL_WINDOWS),
+                   help=f"perplexity windows (soco-compress --eval-windows; default {EVAL_WINDOWS}, the compressor's 32)")
     p.add_argument("--seed", default="0", help="calibration seed (soco-compress --seed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--calib-chat", default="articles", metavar="FILE.jsonl|articles|none",
@@ -72,11 +76,18 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo")
     a = p.parse_args()
 
+    from compress import methods
     from compress.models import cache_dir, default_model_dir
     from soco_serve.server import VllmServer
 
+    try:
+        method = methods.get(a.method)
+    except ValueError as e:
+        p.error(str(e))
     ckpt = a.out / f"{a.method}-{a.ratio}"
     t_start = t0 = time.perf_counter()
+    if a.recover_steps is None:  # a method that is not recovered by default stays so (soco)
+        a.recover_steps = str(RECOVER_STEPS if method.recovers_by_default else 0)
     extra = ["--seed", a.seed, "--recover-steps", a.recover_steps, "--eval-windows", a.eval_windows]
     chats = None if a.calib_chat == "none" else a.calib_chat
     if a.chats:
