@@ -3,10 +3,10 @@
 1. prepare the default model (SmolLM2-135M-Instruct, dequantized once) and its text; with
    ``--chats N``, also N of its own chats (``soco-compress selfchat``, once, cached beside the
    model);
-2. compress it with svd-llm at ratio 0.2 and a recovery stage of 24 steps per group, calibrated on the text
+2. compress it with svd-llm at ratio 0.2 and a shorter recovery stage than the compressor's, calibrated on the text
    with a quarter of the windows chats made from its own articles (``--calib-chat articles``; or
    the chats of ``--calib-chat FILE`` or ``--chats N``; ``--calib-chat none``: text alone), and
-   evaluate perplexity on 16 windows (``soco-compress``). Why these defaults: docs/results.md, Chat calibration;
+   evaluate perplexity on fewer windows (``soco-compress``). Why these defaults: docs/results.md, Chat calibration;
 3. serve the dense model, then the checkpoint with ``vllm serve OUT --load-format soco``, on
    127.0.0.1, and ask each a chat completion and a completion through the ``openai`` client;
 4. print the dense and compressed answers side by side, the weight memory saved and both
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-# Fewer than the compressor's 32 and 32: what keeps the demo within 15 minutes on a 2-core CPU.
+# Fewer than the compressor's defaults, to keep the demo within its 15-minute goal on a 2-core CPU
+# (what they cost and buy: docs/results.md, Chat calibration).
 RECOVER_STEPS = 24
 EVAL_WINDOWS = 16
 
@@ -60,11 +61,11 @@ def main() -> int:
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.2")
     p.add_argument("--recover-steps", default=None,
-                   help=f"recovery steps per group (soco-compress --recover-steps; default {RECOVER_STEPS} for the "
-                        "methods the compressor recovers by default, where its 32 would take the demo past 15 "
-                        "minutes on a 2-core CPU: docs/results.md, Chat calibration; none for the others)")
+                   help=f"recovery steps per group (soco-compress --recover-steps; default {RECOVER_STEPS}, fewer "
+                        "than the compressor's, for the methods it recovers by default; 0 for the others)")
     p.add_argument("--eval-windows", default=str(EVAL_WINDOWS),
-                   help=f"perplexity windows (soco-compress --eval-windows; default {EVAL_WINDOWS}, the compressor's 32)")
+                   help=f"perplexity windows (soco-compress --eval-windows; default {EVAL_WINDOWS}, fewer than the "
+                        "compressor's)")
     p.add_argument("--seed", default="0", help="calibration seed (soco-compress --seed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--calib-chat", default="articles", metavar="FILE.jsonl|articles|none",
