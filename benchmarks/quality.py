@@ -22,7 +22,9 @@ towards the smallest ratio, every ratio pruned from the same scores: what "any s
 costs against ``soco``, which trains once per ratio) and ``soco-shared-onerun`` (the same on shared
 bases). Every row but the one-run ones also comes as ``<row>+recover`` (with the recovery stage,
 :mod:`compress.recover`, at ``--recover-steps`` and ``--recover-lr``) and ``<row>+recover-seed1``
-(the same with calibration seed 1). Cells are recomputed when the soco or recovery settings differ
+(the same with calibration seed 1), and ``<row>+recover-hidden[-seed1]`` (the recovery stage with
+``--recover-last-loss hidden``: the last group trained on its hidden state like every other
+group, the stage as it was before 2026-12-04). Cells are recomputed when the soco or recovery settings differ
 from the cached ones; docs/results.md gives each row's time. ``--report-only`` computes nothing and
 writes the table and plots from the cells as cached, for rows computed a few cells at a time.
 """
@@ -45,7 +47,7 @@ from compress import data, evaluate, models  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
 from compress.methods import REGISTRY  # noqa: E402
 from compress.pipeline import ratio_dir, run  # noqa: E402
-from compress.recover import DEFAULT_STEPS, RecoverConfig  # noqa: E402
+from compress.recover import DEFAULT_STEPS, LAST_LOSSES, RecoverConfig  # noqa: E402
 from compress.soco import SocoConfig  # noqa: E402
 from benchmarks.measure import device_name  # noqa: E402
 from soco_serve.hf import load_soco_model  # noqa: E402
@@ -61,13 +63,14 @@ class BenchMethod(NamedTuple):
     coefficient_update: str = "auto"
     recover: bool = False  # with the recovery stage (--recover-steps of this benchmark)
     seed: int = 0  # calibration windows and recovery batch order
+    last_loss: str = RecoverConfig.last_loss  # the recovery stage's loss at the last group
 
     def cli_args(self) -> list[str]:
         """The ``soco-compress`` flags that make this row's checkpoints, but ``--ratio`` (serving.py
         serves them; a one-run row is one call with every ratio)."""
         return ["--method", self.method, "--group-size", str(self.group_size),
                 "--coefficient-update", self.coefficient_update, "--seed", str(self.seed),
-                *([] if self.recover else ["--recover-steps", "0"])]
+                *(["--recover-last-loss", self.last_loss] if self.recover else ["--recover-steps", "0"])]
 
 
 BENCH_METHODS = {
@@ -78,9 +81,12 @@ BENCH_METHODS = {
     "soco-onerun": BenchMethod("soco", one_run=True),
     "soco-shared-onerun": BenchMethod("soco", 2, one_run=True),
 }
-# With recovery (compress/recover.py), and a second seed of each: "<row>+recover", "<row>+recover-seed1".
-BENCH_METHODS.update({f"{k}+recover{'-seed1' if seed else ''}": m._replace(recover=True, seed=seed)
-                      for k, m in list(BENCH_METHODS.items()) if not m.one_run for seed in (0, 1)})
+# With recovery (compress/recover.py), and a second seed of each: "<row>+recover", "<row>+recover-seed1"; and
+# the same with the last group trained on its hidden state like the others: "<row>+recover-hidden[-seed1]".
+BENCH_METHODS.update({f"{k}+recover{'-hidden' if last == 'hidden' else ''}{'-seed1' if seed else ''}":
+                      m._replace(recover=True, seed=seed, last_loss=last)
+                      for k, m in list(BENCH_METHODS.items()) if not m.one_run for seed in (0, 1)
+                      for last in LAST_LOSSES})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     def config(method: str, ratio: float) -> CompressConfig:
         m = BENCH_METHODS[method]
         return replace(base, method=m.method, ratio=ratio, group_size=m.group_size, coefficient_update=m.coefficient_update,
-                       seed=m.seed, recover=recover_cfg if m.recover else RecoverConfig(steps=0))
+                       seed=m.seed, recover=replace(recover_cfg, last_loss=m.last_loss) if m.recover else RecoverConfig(steps=0))
 
     def cached(method: str, ratio: float) -> bool:
         c = cells.get(cell_key(method, ratio))
         return (c is not None and (BENCH_METHODS[method].method != "soco" or c.get("soco_settings") == soco_settings)
                 and c.get("coefficient_update") == config(method, ratio).refit
-                and c.get("recover_settings", asdict(RecoverConfig(steps=0))) == asdict(config(method, ratio).recover)
+                and RecoverConfig.from_settings(c.get("recover_settings", {"steps": 0})) == config(method, ratio).recover
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, report: dict, ckpt: Path) -> None:

@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from compress import data, evaluate, models, soco  # noqa: E402
 from compress.config import CompressConfig  # noqa: E402
 from compress.pipeline import calibration_windows, run  # noqa: E402
-from compress.recover import LR_SCALES, RecoverConfig, distill, trainable  # noqa: E402
+from compress.recover import LAST_LOSSES, LEGACY, LR_SCALES, RecoverConfig, distill, trainable  # noqa: E402
 from benchmarks.measure import device_name  # noqa: E402
 from soco_serve.hf import load_soco_model  # noqa: E402
 from soco_serve.layout import CheckpointReader  # noqa: E402
@@ -51,10 +51,10 @@ def perplexities(model: torch.nn.Module, windows: dict[str, torch.Tensor]) -> di
     return {k: evaluate.perplexity(model, w, progress=False).ppl for k, w in windows.items()}
 
 
-def local_cell(cfg: CompressConfig, steps: int, lr: float, scale: str, windows: dict[str, torch.Tensor]) -> dict:
-    out = cfg.output.parent / f"local-{steps}"
+def local_cell(cfg: CompressConfig, rc: RecoverConfig, windows: dict[str, torch.Tensor]) -> dict:
+    out = cfg.output.parent / f"local-{rc.steps}"
     t0 = time.perf_counter()
-    rep = run(replace(cfg, output=out, force=True, recover=RecoverConfig(steps=steps, lr=lr, lr_scale=scale)))
+    rep = run(replace(cfg, output=out, force=True, recover=rc))
     cell = {"wall_seconds": round(time.perf_counter() - t0, 1), "ppl": rep["ppl_compressed"],
             "recover_seconds": rep.get("recovery", {}).get("seconds", 0.0), "stage_seconds": rep["seconds"],
             "ppl_other": perplexities(load_soco_model(out), windows)["other"]}
@@ -63,30 +63,37 @@ def local_cell(cfg: CompressConfig, steps: int, lr: float, scale: str, windows: 
     return cell
 
 
-def checkpoint_recovery(ckpt: Path) -> dict | None:
+def checkpoint_recovery(ckpt: Path) -> RecoverConfig | None:
     """The recovery settings a checkpoint folder was written with (None if there is none)."""
     report = ckpt / "report.json"
-    return json.loads(report.read_text())["settings"]["recover"] if report.exists() else None
+    return RecoverConfig.from_settings(json.loads(report.read_text())["settings"]["recover"]) if report.exists() else None
 
 
-def cell_rate(cell: dict) -> tuple[float, str]:
-    """A local cell's learning rate and scale. Cells without ``lr_scale`` were run before the rate
-    was relative: absolute rates."""
-    return cell["lr"], cell.get("lr_scale", "none")
+def cell_rate(cell: dict) -> tuple[float, str, str, int]:
+    """A local cell's learning rate, scale, last group's loss and KL stride. Cells without ``lr_scale``
+    were run before the rate was relative (absolute rates), cells without ``last_loss`` or
+    ``kl_stride`` before those options (:data:`compress.recover.LEGACY`)."""
+    return (cell["lr"], cell.get("lr_scale", "none"), cell.get("last_loss", LEGACY["last_loss"]),
+            cell.get("kl_stride", LEGACY["kl_stride"]))
 
 
-def local_key(steps: int, lr: float, scale: str) -> str:
+def local_key(steps: int, lr: float, scale: str, last: str, stride: int) -> str:
     """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
-    default scale)."""
+    default scale); `` last=L`` where the last group's loss is not the hidden state's (the stage's only
+    loss when the first cells were run, so their keys have no suffix), with `` stride=S`` where its KL
+    is not taken at every position."""
     if not steps:
         return "local@0"
     key = f"local@{steps}" if lr == RecoverConfig.lr else f"local@{steps} lr={lr:g}"
-    return key if scale == RecoverConfig.lr_scale else f"{key} scale={scale}"
+    key = key if scale == RecoverConfig.lr_scale else f"{key} scale={scale}"
+    if last == LEGACY["last_loss"]:
+        return key
+    return f"{key} last={last}" + (f" stride={stride}" if stride != LEGACY["kl_stride"] else "")
 
 
 def e2e_start(a: argparse.Namespace) -> str:
     """The local cell the end-to-end cell starts from (the first --local-lr's)."""
-    return local_key(a.e2e_from, float(a.local_lr.split(",")[0]), a.lr_scale)
+    return local_key(a.e2e_from, float(a.local_lr.split(",")[0]), a.lr_scale, a.last_loss, a.kl_stride)
 
 
 def e2e_key(start: str) -> str:
@@ -147,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="learning rates of the local cells, comma-separated: one cell per steps and rate")
     p.add_argument("--lr-scale", choices=LR_SCALES, default=RecoverConfig.lr_scale,
                    help="--recover-lr-scale of every cell (local and end to end)")
+    p.add_argument("--last-loss", choices=LAST_LOSSES, default=RecoverConfig.last_loss,
+                   help="--recover-last-loss of the local cells")
+    p.add_argument("--kl-stride", type=int, default=RecoverConfig.kl_stride, help="--recover-kl-stride of the local cells")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
@@ -198,14 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     start = a.work / name / f"local-{a.e2e_from}"  # the end-to-end cell's starting checkpoint
     for steps in sorted({0, a.e2e_from, *(int(s) for s in a.local_steps.split(",") if s)}):
         for lr in lrs if steps else [RecoverConfig.lr]:
-            key = local_key(steps, lr, a.lr_scale)
+            last = a.last_loss if steps else LEGACY["last_loss"]
+            key = local_key(steps, lr, a.lr_scale, last, a.kl_stride)
+            rc = RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale, last_loss=last, kl_stride=a.kl_stride)
             # a local cell's checkpoint folder is shared by its rates (and gone with /tmp): rebuilt when the
             # end-to-end cell is to start from it and it holds another run
-            rebuild = run_e2e and steps == a.e2e_from and lr == lrs[0] and \
-                checkpoint_recovery(start) != asdict(RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale))
-            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale)) or rebuild:
+            rebuild = run_e2e and steps == a.e2e_from and lr == lrs[0] and checkpoint_recovery(start) != rc
+            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale, last, a.kl_stride)) or rebuild:
                 print(f"== {key}", flush=True)
-                cells[key] = {**local_cell(cfg, steps, lr, a.lr_scale, windows), "lr": lr, "lr_scale": a.lr_scale,
+                cells[key] = {**local_cell(cfg, rc, windows), "lr": lr, "lr_scale": a.lr_scale, "last_loss": last,
+                              "kl_stride": a.kl_stride,
                               **here}
                 save()
             print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
@@ -225,16 +237,18 @@ def plot(res: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
-    # one line per learning rate, each starting from the truncation (local@0)
+    # one line per learning rate and last group's loss, each starting from the truncation (local@0)
     rates = sorted({cell_rate(c) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
-                   or {(RecoverConfig.lr, RecoverConfig.lr_scale)})
+                   or {(RecoverConfig.lr, RecoverConfig.lr_scale, RecoverConfig.last_loss, RecoverConfig.kl_stride)})
     lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
                        if k == "local@0" or (k.startswith("local@") and cell_rate(c) == r)) for r in rates}
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        for (lr, scale), local in lines.items():
+        for (lr, scale, last, stride), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
-                    label=f"local (group by group), lr {lr:g}" + (" × RMS" if scale == "rms" else ""))
+                    label=f"local (group by group), lr {lr:g}" + (" × RMS" if scale == "rms" else "")
+                    + (", last group on the next-token KL" + (f" at every {stride}th position" if stride > 1 else "")
+                       if last == "kl" else ""))
             for s, c, k in local:
                 ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
                             xytext=(3, 3))

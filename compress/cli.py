@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import allocate, calibrate, data, decompose, methods, models, soco, workdir
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
-from .recover import DEFAULT_STEPS, LR_SCALES, RecoverConfig, RecoveryError
+from .recover import DEFAULT_STEPS, LAST_LOSSES, LR_SCALES, RecoverConfig, RecoveryError
 
 USER_ERRORS = (
     models.ModelError, data.DataError, allocate.AllocationError, calibrate.CalibrationError,
@@ -136,6 +136,13 @@ def compress_parser() -> argparse.ArgumentParser:
     r.add_argument("--recover-lr-scale", choices=LR_SCALES, default=rd.lr_scale,
                    help="rms: each tensor's rate is --recover-lr times its RMS, so a step changes every tensor by about "
                         "the same fraction on any model; none: --recover-lr is the rate of every tensor")
+    r.add_argument("--recover-last-loss", choices=LAST_LOSSES, default=rd.last_loss,
+                   help="what the model's last group is trained to match: hidden (the dense output hidden state, like "
+                        "every group) or kl (the dense model's next-token distribution through the final norm and head, "
+                        "top-k KL: the model's own objective; one extra head pass per step)")
+    r.add_argument("--recover-kl-stride", type=int, default=rd.kl_stride, metavar="N",
+                   help="with --recover-last-loss kl, take the KL at every N-th position (1: all); the head's product "
+                        "with the whole vocabulary, not the group, is what the last group's steps cost")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,
                    help="share of the calibration batches held out: early stopping keeps the best held-out state")
     c = p.add_argument_group("calibration")
@@ -242,7 +249,8 @@ def cmd_compress(argv: list[str]) -> int:
         restart=a.restart,
         progress=not a.no_progress,
         recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, lr_scale=a.recover_lr_scale,
-                              holdout=a.recover_holdout),
+                              holdout=a.recover_holdout, last_loss=a.recover_last_loss,
+                              kl_stride=a.recover_kl_stride),
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

@@ -26,7 +26,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,10 +356,14 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                 with timer.stage("refit"):
                     outputs = method.refine(work, decs[0], inputs)
             if cfg.recover.steps:
-                with timer.stage("recover"):
+                last_kl = cfg.recover.last_loss == "kl" and layers[-1] == src.n_layers - 1
+                with timer.stage("recover"), onload.outer() if last_kl else nullcontext():
                     targets = [b.hidden for b in streams["calib"].batches]
+                    ids = torch.split(streams["calib"].ids, cfg.batch_size)
+                    at = slice(cfg.recover.kl_stride - 1, None, cfg.recover.kl_stride)
+                    head = (lambda b, h: calibrate.head_logits(model, spec, ids[b][:, at], h[:, at])) if last_kl else None
                     log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,
-                                                         cfg.recover, seed=cfg.seed + layers[0])
+                                                         cfg.recover, seed=cfg.seed + layers[0], head=head)
                     decs[0].recovery[str(layers[0])] = log.as_dict()
             streams["compressed"].put(outputs)
         del grams, work
@@ -481,18 +485,20 @@ def summary(manifest: Manifest, src: Source, dec: Decomposition) -> dict[str, An
 
 
 def recovery_summary(per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The recovery stage over all groups: totals, the mean held-out loss before and after, and
-    each group's log (keyed by its first layer)."""
+    """The recovery stage over all groups: totals, the mean held-out loss before and after (relative
+    error over the groups trained on hidden states; ``kl_*`` for the group trained on the next-token
+    distribution, if any), and each group's log (keyed by its first layer)."""
     logs = list(per_group.values())
-    return {
-        "steps": sum(g["steps"] for g in logs),
-        "seconds": round(sum(g["seconds"] for g in logs), 2),
-        "val_before": sum(g["val_before"] for g in logs) / len(logs),
-        "val_after": sum(g["val_after"] for g in logs) / len(logs),
-        "stopped": {r: sum(g["stopped"] == r for g in logs) for r in sorted({g["stopped"] for g in logs})},
-        "improved": sum(g["best_step"] > 0 for g in logs),  # groups whose kept state is not the truncation's
-        "per_group": per_group,
-    }
+    out: dict[str, Any] = {"steps": sum(g["steps"] for g in logs), "seconds": round(sum(g["seconds"] for g in logs), 2)}
+    for loss, prefix in (("hidden", "val"), ("kl", "kl")):
+        part = [g for g in logs if g.get("loss", "hidden") == loss]
+        if part:
+            out[f"{prefix}_before"] = sum(g["val_before"] for g in part) / len(part)
+            out[f"{prefix}_after"] = sum(g["val_after"] for g in part) / len(part)
+    out.update(stopped={r: sum(g["stopped"] == r for g in logs) for r in sorted({g["stopped"] for g in logs})},
+               improved=sum(g["best_step"] > 0 for g in logs),  # groups whose kept state is not the truncation's
+               per_group=per_group)
+    return out
 
 
 def ranks_table(manifest: Manifest, refs: list[models.LinearRef]) -> dict[str, dict[str, int | str]]:

@@ -13,7 +13,12 @@ the checkpoint layout is the same as without recovery.
 
 The loss is the mean, over tokens, of the relative squared error ``‖y − t‖² / ‖t‖²`` of the
 group's output hidden state: scale-free (hidden states grow with depth) and per token, as the
-final RMS norm sees them. The calibration batches are split once: the last ``holdout`` share is
+final RMS norm sees them. The last group's output feeds nothing but the head, so with
+``last_loss="kl"`` it is trained on the model's own objective instead: the KL divergence from the
+dense model's next-token distribution (its top ``topk`` tokens and one bucket for the rest,
+:func:`compress.soco.topk_kl`), through the model's final norm and head, at every ``kl_stride``-th
+position (the head's product with the whole vocabulary costs more than the group itself; every
+position still runs through the group). The calibration batches are split once: the last ``holdout`` share is
 never trained on, and the held-out loss decides early stopping and which state is kept.
 """
 
@@ -33,6 +38,7 @@ from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_na
 
 from .calibrate import LayerInput, forward_layer
 from .factors import Decomposition
+from .soco import topk_kl, topk_logp
 
 
 @dataclass
@@ -45,6 +51,15 @@ class RecoverConfig:
     holdout: float = 0.125  # share of the calibration batches held out for validation
     check_every: int = 10  # steps between two validations
     patience: int = 3  # validations without improvement before stopping early
+    last_loss: str = "kl"  # the last group's loss: hidden (its output, like every group) or kl (the next-token distribution)
+    topk: int = 128  # teacher tokens kept per position for last_loss="kl"
+    kl_stride: int = 1  # last_loss="kl" at every kl_stride-th position (the head's vocabulary-wide product is its cost)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "RecoverConfig":
+        """The settings a report recorded (``report.json``'s ``settings.recover``). A field it lacks was
+        added after that run: the run had the behaviour the field's :data:`LEGACY` value names."""
+        return cls(**{**LEGACY, **settings})
 
     def check(self) -> None:
         if self.steps is not None and self.steps < 0:
@@ -55,11 +70,17 @@ class RecoverConfig:
             raise ValueError(f"--recover-lr-scale must be one of {', '.join(LR_SCALES)}, got {self.lr_scale!r}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"--recover-holdout must be between 0 and 1, got {self.holdout}")
+        if self.last_loss not in LAST_LOSSES:
+            raise ValueError(f"--recover-last-loss must be one of {', '.join(LAST_LOSSES)}, got {self.last_loss!r}")
+        if self.topk < 1 or self.kl_stride < 1:
+            raise ValueError(f"recovery topk and --recover-kl-stride must be >= 1, got {self.topk} and {self.kl_stride}")
         if self.check_every < 1 or self.patience < 1:
             raise ValueError("recovery check_every and patience must be >= 1")
 
 
 LR_SCALES = ("rms", "none")
+LAST_LOSSES = ("hidden", "kl")
+LEGACY = {"last_loss": "hidden", "kl_stride": 1}  # what runs from before a field existed did (RecoverConfig.from_settings)
 DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 
@@ -105,6 +126,7 @@ def step_sizes(params: Sequence[torch.Tensor], lr: float, scale: str) -> list[fl
 class RecoveryLog:
     """What one group's recovery did (recorded per group in the report)."""
 
+    loss: str = "hidden"  # what val_* measure: hidden (relative error of the output) or kl (next-token top-k KL)
     steps: int = 0  # optimizer steps taken
     best_step: int = 0  # the step whose state was kept (0: the truncation itself)
     val_before: float = float("nan")  # held-out loss of the truncated factors
@@ -220,11 +242,14 @@ def trainable(linears: Mapping[str, LinearEntry], mods: Mapping[str, nn.Module])
 
 
 def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposition, compute_dtype: torch.dtype,
-                  inputs: list[LayerInput], targets: list[torch.Tensor], cfg: RecoverConfig,
-                  seed: int) -> tuple[RecoveryLog, list[LayerInput]]:
+                  inputs: list[LayerInput], targets: list[torch.Tensor], cfg: RecoverConfig, seed: int,
+                  head: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> tuple[RecoveryLog, list[LayerInput]]:
     """Distill the group's tensors in ``dec`` (updated in place, same dtypes and shapes) so that the
     compressed ``layers`` on ``inputs`` (the compressed model's activations) reproduce ``targets``
-    (the dense group's outputs); returns the log and the recovered group's outputs."""
+    (the dense group's outputs); returns the log and the recovered group's outputs.
+
+    With ``head`` (batch index, last hidden state -> logits; given for the model's last group) the
+    group matches the next-token distribution that ``targets`` give through it instead."""
     mods = lowrank_modules(dec.linears, dec.bases, lambda n: dec.tensors[n].clone(), compute_dtype)
     params = trainable(dec.linears, mods)
 
@@ -234,11 +259,22 @@ def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposit
             h = forward_layer(layer, h)
         return h.hidden
 
+    def hidden_loss(b: int) -> torch.Tensor:
+        return relative_error(run(b), targets[b].to(inputs[b].hidden.device))
+
+    loss = hidden_loss
+    if head is not None:
+        teacher = [topk_logp(head(b, targets[b].to(inputs[b].hidden.device)), cfg.topk) for b in range(len(inputs))]
+
+        def loss(b: int) -> torch.Tensor:
+            return topk_kl(head(b, run(b)), *teacher[b])
+
     with swapped(model, mods):
-        log = distill(list(params.values()), lambda b: relative_error(run(b), targets[b].to(inputs[b].hidden.device)),
-                      len(inputs), cfg, seed)
+        log = distill(list(params.values()), loss, len(inputs), cfg, seed)
+        log.loss = "hidden" if head is None else "kl"
         with torch.no_grad():
             outputs = [LayerInput(run(b), x.kwargs) for b, x in enumerate(inputs)]
     for name, p in params.items():
         dec.tensors[name] = p.detach().to(dec.tensors[name].dtype)
     return log, outputs
+

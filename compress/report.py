@@ -48,7 +48,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     rec = report.get("recovery")
     if rec:
         stopped = ", ".join(f"{n} {why}" for why, n in rec["stopped"].items())
-        lines.append(f"recovery          {rec['steps']} steps in {rec['seconds']:.0f} s; held-out relative error "
-                     f"{rec['val_before']:.4f} -> {rec['val_after']:.4f} (mean over groups; groups stopped: {stopped})")
+        parts = [f"{rec['steps']} steps in {rec['seconds']:.0f} s"]
+        if "val_before" in rec:
+            parts.append(f"held-out relative error {rec['val_before']:.4f} -> {rec['val_after']:.4f} (mean over groups)")
+        if "kl_before" in rec:
+            parts.append(f"last group's held-out top-k KL {rec['kl_before']:.4f} -> {rec['kl_after']:.4f}")
+        lines.append("recovery          " + "; ".join([*parts, f"groups stopped: {stopped}"]))
     lines.append("seconds           " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     return lines

@@ -590,13 +590,19 @@ def teacher_topk(stack: "Stack", windows: torch.Tensor, k: int, batch_size: int 
     logps, idxs = [], []
     with stack.layers.outer():
         for b, x in zip(batches, xs):
-            logits = calibrate.head_logits(stack.model, stack.spec, b, x.hidden)
-            lp = torch.log_softmax(logits.float() if logits.dtype != F64 else logits, dim=-1)
-            v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            v, i = topk_logp(calibrate.head_logits(stack.model, stack.spec, b, x.hidden), k)
             logps.append(v.cpu())
-            idxs.append(i.to(torch.int32).cpu())
-            del logits, lp
+            idxs.append(i.cpu())
     return Teacher(torch.cat(logps), torch.cat(idxs))
+
+
+def topk_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest next-token log-probabilities of ``logits`` (float32 at least) and their token
+    ids (int32): the teacher side of :func:`topk_kl`. No gradient."""
+    with torch.no_grad():
+        lp = torch.log_softmax(logits.float() if logits.dtype != F64 else logits, dim=-1)
+        v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return v, i.to(torch.int32)
 
 
 def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:

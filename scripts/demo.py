@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 # Fewer than the compressor's defaults, to keep the demo within its 15-minute goal on a 2-core CPU
 # (what they cost and buy: docs/results.md, Chat calibration).
 RECOVER_STEPS = 24
+KL_STRIDE = 4  # the last group's KL at every 4th position: its head product is most of that group's time
 EVAL_WINDOWS = 16
 
 QUESTIONS = (("chat", "What is the capital of France?"), ("completion", "The three primary colours are"))
@@ -63,6 +64,9 @@ def main() -> int:
     p.add_argument("--recover-steps", default=None,
                    help=f"recovery steps per group (soco-compress --recover-steps; default {RECOVER_STEPS}, fewer "
                         "than the compressor's, for the methods it recovers by default; 0 for the others)")
+    p.add_argument("--recover-kl-stride", default=str(KL_STRIDE),
+                   help=f"the last group's KL at every N-th position (soco-compress --recover-kl-stride; default "
+                        f"{KL_STRIDE}, the compressor's is every position)")
     p.add_argument("--eval-windows", default=str(EVAL_WINDOWS),
                    help=f"perplexity windows (soco-compress --eval-windows; default {EVAL_WINDOWS}, fewer than the "
                         "compressor's)")
@@ -89,7 +93,8 @@ def main() -> int:
     t_start = t0 = time.perf_counter()
     if a.recover_steps is None:  # a method that is not recovered by default stays so (soco)
         a.recover_steps = str(RECOVER_STEPS if method.recovers_by_default else 0)
-    extra = ["--seed", a.seed, "--recover-steps", a.recover_steps, "--eval-windows", a.eval_windows]
+    extra = ["--seed", a.seed, "--recover-steps", a.recover_steps, "--recover-kl-stride", a.recover_kl_stride,
+             "--eval-windows", a.eval_windows]
     chats = None if a.calib_chat == "none" else a.calib_chat
     if a.chats:
         chats = str(cache_dir() / f"selfchat-{default_model_dir().name}-{a.chats}.jsonl")
@@ -117,7 +122,8 @@ def main() -> int:
         print("   server stopped", flush=True)
 
     summary = {"method": a.method, "ratio": float(a.ratio), "seed": int(a.seed), "chats": a.chats, "calib_chat": chats,
-               "recover_steps": int(a.recover_steps), "eval_windows": int(a.eval_windows),
+               "recover_steps": int(a.recover_steps), "recover_kl_stride": int(a.recover_kl_stride),
+               "eval_windows": int(a.eval_windows),
                "compress_seconds": round(compress_seconds, 1),
                "answers": {text: {"dense": d, "compressed": c}
                            for (_, text), d, c in zip(QUESTIONS, answers["dense"], answers["compressed"])}}

@@ -126,7 +126,8 @@ def test_relative_rates_train_any_scale_alike(scale):
 
 
 def test_config_is_checked():
-    for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x")):
+    for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x"),
+                RecoverConfig(last_loss="x"), RecoverConfig(topk=0)):
         with pytest.raises(ValueError, match="recover"):
             bad.check()
 
@@ -169,6 +170,40 @@ def test_recovery_lowers_the_held_out_loss_and_keeps_the_layout(tiny_llama, text
         assert ta.shape == tb.shape and ta.dtype == tb.dtype, name
         changed += not torch.equal(ta, tb)
     assert changed > 0
+
+
+def test_last_group_trained_on_the_next_token_distribution(tiny_llama, text_file, tmp_path):
+    """With --recover-last-loss kl (the default) the last group's loss is the top-k KL from the dense
+    model's next-token distribution and training lowers it; every other group keeps the hidden-state
+    loss, so it trains exactly as with --recover-last-loss hidden."""
+    from compress import soco
+    from compress.config import CompressConfig
+    from compress.models import load_model
+    from compress.pipeline import calibration_windows
+    from soco_serve.hf import load_soco_model
+
+    args = ["--method", "svd-llm", "--ratio", "0.4", "--recover-steps", "20", "--recover-lr", "5e-3"]
+    hid = _run(tiny_llama, tmp_path / "hidden", text_file, *args, "--recover-last-loss", "hidden")
+    kl = _run(tiny_llama, tmp_path / "kl", text_file, *args)
+    assert kl["settings"]["recover"]["last_loss"] == "kl" and hid["ranks"] == kl["ranks"]
+    last = str(kl["groups"][-1][0])
+    for g, log in kl["recovery"]["per_group"].items():
+        if g != last:
+            assert log == {**hid["recovery"]["per_group"][g], "seconds": log["seconds"]}, g
+    log = kl["recovery"]["per_group"][last]
+    assert log["loss"] == "kl" and hid["recovery"]["per_group"][last]["loss"] == "hidden"
+    assert log["train_last"] < log["train_first"] and log["val_after"] <= log["val_before"]
+    assert (kl["recovery"]["kl_before"], kl["recovery"]["kl_after"]) == (log["val_before"], log["val_after"])
+    assert "kl_before" not in hid["recovery"]
+
+    # the kept state's held-out loss is the written model's KL from the dense model on the held-out batch
+    cfg = CompressConfig(output=tmp_path / "x", calib_text=str(text_file), calib_windows=16, seq_len=64)
+    dense, tok, _ = load_model(str(tiny_llama))
+    ids = calibration_windows(cfg, tok)[-cfg.batch_size:]  # 4 batches of 4 windows; the last is held out
+    with torch.no_grad():
+        t_logp, t_idx = soco.topk_logp(dense(input_ids=ids).logits, RecoverConfig.topk)
+        got = soco.topk_kl(load_soco_model(tmp_path / "kl")(input_ids=ids).logits, t_logp, t_idx)
+    assert float(got) == pytest.approx(log["val_after"], rel=1e-4)
 
 
 def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_path):
