@@ -359,9 +359,11 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                 last_kl = cfg.recover.last_loss == "kl" and layers[-1] == src.n_layers - 1
                 with timer.stage("recover"), onload.outer() if last_kl else nullcontext():
                     targets = [b.hidden for b in streams["calib"].batches]
-                    ids = torch.split(streams["calib"].ids, cfg.batch_size)
-                    at = slice(cfg.recover.kl_stride - 1, None, cfg.recover.kl_stride)
-                    head = (lambda b, h: calibrate.head_logits(model, spec, ids[b][:, at], h[:, at])) if last_kl else None
+                    head = None
+                    if last_kl:
+                        ids = torch.split(streams["calib"].ids, cfg.batch_size)
+                        at = slice(cfg.recover.kl_stride - 1, None, cfg.recover.kl_stride)
+                        head = lambda b, h: calibrate.head_logits(model, spec, ids[b][:, at], h[:, at])  # noqa: E731
                     log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,
                                                          cfg.recover, seed=cfg.seed + layers[0], head=head)
                     decs[0].recovery[str(layers[0])] = log.as_dict()

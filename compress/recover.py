@@ -17,7 +17,7 @@ final RMS norm sees them. The last group's output feeds nothing but the head, so
 ``last_loss="kl"`` it is trained on the model's own objective instead: the KL divergence from the
 dense model's next-token distribution (its top ``topk`` tokens and one bucket for the rest,
 :func:`compress.soco.topk_kl`), through the model's final norm and head, at every ``kl_stride``-th
-position (the head's product with the whole vocabulary costs more than the group itself; every
+position (the head's product with the whole vocabulary can cost more than the group itself; every
 position still runs through the group). The calibration batches are split once: the last ``holdout`` share is
 never trained on, and the held-out loss decides early stopping and which state is kept.
 """
@@ -277,4 +277,3 @@ def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposit
     for name, p in params.items():
         dec.tensors[name] = p.detach().to(dec.tensors[name].dtype)
     return log, outputs
-
