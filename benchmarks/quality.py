@@ -175,9 +175,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def cached(method: str, ratio: float) -> bool:
         c = cells.get(cell_key(method, ratio))
+        # a cell without recovery records no recovery settings; a row without it wants none
+        want = config(method, ratio).recover
         return (c is not None and (BENCH_METHODS[method].method != "soco" or c.get("soco_settings") == soco_settings)
                 and c.get("coefficient_update") == config(method, ratio).refit
-                and RecoverConfig.from_settings(c.get("recover_settings", {"steps": 0})) == config(method, ratio).recover
+                and (RecoverConfig.from_settings(c["recover_settings"]) if "recover_settings" in c else None)
+                == (want if want.steps else None)
                 and (not a.eval_text or c.get("eval_text") == a.eval_text))
 
     def record(key: str, method: str, ratio: float, report: dict, ckpt: Path) -> None:
