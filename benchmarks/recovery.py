@@ -8,7 +8,8 @@ matrices kept dense) on the same calibration windows, with the same held-out spl
 * ``local@N``: one ``soco-compress --recover-steps N`` run (group by group against the dense
   group's outputs, memory bounded by one group): its perplexity and recovery seconds; with
   ``--local-lr 5e-3,2e-2`` one cell per steps and rate, keyed ``local@N lr=R`` off the default rate
-  (and ``scale=S`` off the default ``--lr-scale``);
+  (and ``scale=S`` off the default ``--lr-scale``, ``last=kl`` with the last group on the KL, the
+  default; see :func:`local_key`);
 * ``e2e``: the ``local@0`` checkpoint loaded whole with transformers and trained against the
   dense model's next-token distribution (top-k KL, :func:`compress.soco.topk_kl`), the training
   loop of the compressor's stage (:func:`compress.recover.distill`); perplexity on the evaluation
@@ -69,31 +70,47 @@ def checkpoint_recovery(ckpt: Path) -> RecoverConfig | None:
     return RecoverConfig.from_settings(json.loads(report.read_text())["settings"]["recover"]) if report.exists() else None
 
 
-def cell_rate(cell: dict) -> tuple[float, str, str, int]:
-    """A local cell's learning rate, scale, last group's loss and KL stride. Cells without ``lr_scale``
-    were run before the rate was relative (absolute rates), cells without ``last_loss`` or
-    ``kl_stride`` before those options (:data:`compress.recover.LEGACY`)."""
-    return (cell["lr"], cell.get("lr_scale", "none"), cell.get("last_loss", LEGACY["last_loss"]),
-            cell.get("kl_stride", LEGACY["kl_stride"]))
+KEYED = ("lr", "lr_scale", "last_loss", "kl_stride", "warmup")  # what a local cell records and its key names
 
 
-def local_key(steps: int, lr: float, scale: str, last: str, stride: int) -> str:
+def cell_settings(cell: dict) -> RecoverConfig:
+    """A local cell's recovery settings but its steps (its key has those). Cells without
+    ``lr_scale`` were run before the rate was relative (absolute rates); a field other cells lack
+    had its :data:`compress.recover.LEGACY` value."""
+    return RecoverConfig.from_settings({"lr_scale": "none", **{k: cell[k] for k in KEYED if k in cell}})
+
+
+def line_of(rc: RecoverConfig) -> tuple:
+    """The settings one line of the plot shares (all but the steps)."""
+    return tuple(getattr(rc, k) for k in KEYED)
+
+
+def local_config(a: argparse.Namespace, steps: int, lr: float) -> RecoverConfig:
+    """The recovery of the local cell at ``steps`` and ``lr``; ``local@0`` is the truncation, one
+    cell for every setting."""
+    if not steps:
+        return RecoverConfig(steps=0, last_loss=LEGACY["last_loss"])
+    return RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale, last_loss=a.last_loss, kl_stride=a.kl_stride,
+                         warmup=a.warmup)
+
+
+def local_key(rc: RecoverConfig) -> str:
     """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
     default scale); `` last=L`` where the last group's loss is not the hidden state's (the stage's only
     loss when the first cells were run, so their keys have no suffix), with `` stride=S`` where its KL
-    is not taken at every position."""
-    if not steps:
+    is not taken at every position; `` warmup=W`` with a warm-up."""
+    if not rc.steps:
         return "local@0"
-    key = f"local@{steps}" if lr == RecoverConfig.lr else f"local@{steps} lr={lr:g}"
-    key = key if scale == RecoverConfig.lr_scale else f"{key} scale={scale}"
-    if last == LEGACY["last_loss"]:
-        return key
-    return f"{key} last={last}" + (f" stride={stride}" if stride != LEGACY["kl_stride"] else "")
+    key = f"local@{rc.steps}" if rc.lr == RecoverConfig.lr else f"local@{rc.steps} lr={rc.lr:g}"
+    key = key if rc.lr_scale == RecoverConfig.lr_scale else f"{key} scale={rc.lr_scale}"
+    if rc.last_loss != LEGACY["last_loss"]:
+        key += f" last={rc.last_loss}" + (f" stride={rc.kl_stride}" if rc.kl_stride != LEGACY["kl_stride"] else "")
+    return key + (f" warmup={rc.warmup}" if rc.warmup != LEGACY["warmup"] else "")
 
 
 def e2e_start(a: argparse.Namespace) -> str:
     """The local cell the end-to-end cell starts from (the first --local-lr's)."""
-    return local_key(a.e2e_from, float(a.local_lr.split(",")[0]), a.lr_scale, a.last_loss, a.kl_stride)
+    return local_key(local_config(a, a.e2e_from, float(a.local_lr.split(",")[0])))
 
 
 def e2e_key(start: str) -> str:
@@ -157,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last-loss", choices=LAST_LOSSES, default=RecoverConfig.last_loss,
                    help="--recover-last-loss of the local cells")
     p.add_argument("--kl-stride", type=int, default=RecoverConfig.kl_stride, help="--recover-kl-stride of the local cells")
+    p.add_argument("--warmup", type=int, default=RecoverConfig.warmup, help="--recover-warmup of the local cells")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
     p.add_argument("--e2e-seq-len", type=int, default=256, help="end-to-end training windows (cut from the calibration's)")
@@ -208,17 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     start = a.work / name / f"local-{a.e2e_from}"  # the end-to-end cell's starting checkpoint
     for steps in sorted({0, a.e2e_from, *(int(s) for s in a.local_steps.split(",") if s)}):
         for lr in lrs if steps else [RecoverConfig.lr]:
-            last = a.last_loss if steps else LEGACY["last_loss"]
-            key = local_key(steps, lr, a.lr_scale, last, a.kl_stride)
-            rc = RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale, last_loss=last, kl_stride=a.kl_stride)
+            rc = local_config(a, steps, lr)
+            key = local_key(rc)
             # a local cell's checkpoint folder is shared by its rates (and gone with /tmp): rebuilt when the
             # end-to-end cell is to start from it and it holds another run
             rebuild = run_e2e and steps == a.e2e_from and lr == lrs[0] and checkpoint_recovery(start) != rc
-            if key not in cells or (steps and cell_rate(cells[key]) != (lr, a.lr_scale, last, a.kl_stride)) or rebuild:
+            if key not in cells or (steps and cell_settings(cells[key]) != replace(rc, steps=None)) or rebuild:
                 print(f"== {key}", flush=True)
-                cells[key] = {**local_cell(cfg, rc, windows), "lr": lr, "lr_scale": a.lr_scale, "last_loss": last,
-                              "kl_stride": a.kl_stride,
-                              **here}
+                cells[key] = {**local_cell(cfg, rc, windows), **{k: getattr(rc, k) for k in KEYED}, **here}
                 save()
             print(f"   {key}: ppl {cells[key]['ppl']:.2f}, other {cells[key]['ppl_other']:.2f}", flush=True)
     if run_e2e:
@@ -238,17 +253,17 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
     # one line per learning rate and last group's loss, each starting from the truncation (local@0)
-    rates = sorted({cell_rate(c) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
-                   or {(RecoverConfig.lr, RecoverConfig.lr_scale, RecoverConfig.last_loss, RecoverConfig.kl_stride)})
+    rates = sorted({line_of(cell_settings(c)) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
+                   or {line_of(RecoverConfig())})
     lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
-                       if k == "local@0" or (k.startswith("local@") and cell_rate(c) == r)) for r in rates}
+                       if k == "local@0" or (k.startswith("local@") and line_of(cell_settings(c)) == r)) for r in rates}
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        for (lr, scale, last, stride), local in lines.items():
+        for (lr, scale, last, stride, warmup), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
                     label=f"local (group by group), lr {lr:g}" + (" × RMS" if scale == "rms" else "")
                     + (", last group on the next-token KL" + (f" at every {stride}th position" if stride > 1 else "")
-                       if last == "kl" else ""))
+                       if last == "kl" else "") + (f", {warmup} warm-up steps" if warmup else ""))
             for s, c, k in local:
                 ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
                             xytext=(3, 3))

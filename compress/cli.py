@@ -143,6 +143,8 @@ def compress_parser() -> argparse.ArgumentParser:
     r.add_argument("--recover-kl-stride", type=int, default=rd.kl_stride, metavar="N",
                    help="with --recover-last-loss kl, take the KL at every N-th position (1: all); the head's product "
                         "with the whole vocabulary, not the group, is what the last group's steps cost")
+    r.add_argument("--recover-warmup", type=int, default=rd.warmup, metavar="N",
+                   help="steps of linear learning-rate warm-up in every group, before the cosine decay")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,
                    help="share of the calibration batches held out: early stopping keeps the best held-out state")
     c = p.add_argument_group("calibration")
@@ -250,7 +252,7 @@ def cmd_compress(argv: list[str]) -> int:
         progress=not a.no_progress,
         recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, lr_scale=a.recover_lr_scale,
                               holdout=a.recover_holdout, last_loss=a.recover_last_loss,
-                              kl_stride=a.recover_kl_stride),
+                              kl_stride=a.recover_kl_stride, warmup=a.recover_warmup),
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

@@ -54,6 +54,7 @@ class RecoverConfig:
     last_loss: str = "kl"  # the last group's loss: hidden (its output, like every group) or kl (the next-token distribution)
     topk: int = 128  # teacher tokens kept per position for last_loss="kl"
     kl_stride: int = 1  # last_loss="kl" at every kl_stride-th position (the head's vocabulary-wide product is its cost)
+    warmup: int = 0  # steps of linear warm-up before the cosine decay, in every group (see lr_factor)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "RecoverConfig":
@@ -72,6 +73,8 @@ class RecoverConfig:
             raise ValueError(f"--recover-holdout must be between 0 and 1, got {self.holdout}")
         if self.last_loss not in LAST_LOSSES:
             raise ValueError(f"--recover-last-loss must be one of {', '.join(LAST_LOSSES)}, got {self.last_loss!r}")
+        if self.warmup < 0:
+            raise ValueError(f"--recover-warmup must be >= 0, got {self.warmup}")
         if self.topk < 1 or self.kl_stride < 1:
             raise ValueError(f"recovery topk and --recover-kl-stride must be >= 1, got {self.topk} and {self.kl_stride}")
         if self.check_every < 1 or self.patience < 1:
@@ -80,7 +83,7 @@ class RecoverConfig:
 
 LR_SCALES = ("rms", "none")
 LAST_LOSSES = ("hidden", "kl")
-LEGACY = {"last_loss": "hidden", "kl_stride": 1}  # what runs from before a field existed did (RecoverConfig.from_settings)
+LEGACY = {"last_loss": "hidden", "kl_stride": 1, "warmup": 0}  # what runs from before a field existed did (RecoverConfig.from_settings)
 DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 
@@ -105,6 +108,17 @@ def relative_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     num = (y - target).pow(2).sum(-1)
     den = target.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
     return (num / den).mean()
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """The learning rate's factor at optimizer step ``step`` (0-based) of ``steps``: a linear ramp
+    over the first ``warmup`` steps, then the cosine decay from 1 to 0 over the rest. Adam's first
+    updates are about ``lr`` in size whatever the gradient, so a loss whose first gradients point
+    somewhere the later ones do not can be driven up before it falls; the ramp keeps those steps
+    small."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
 def step_sizes(params: Sequence[torch.Tensor], lr: float, scale: str) -> list[float]:
@@ -173,7 +187,7 @@ def distill(params: Sequence[nn.Parameter], loss: Callable[[int], torch.Tensor],
     rates = step_sizes(params, cfg.lr, cfg.lr_scale)
     opt = torch.optim.AdamW([{"params": [p], "lr": r} for p, r in zip(params, rates)], lr=cfg.lr,
                             betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup))
     order = torch.Generator().manual_seed(seed)
     perm: list[int] = []
     stale = 0

@@ -56,7 +56,7 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     calls = []
 
     def local_cell(cfg, rc, windows):
-        calls.append((rc.steps, rc.lr, rc.lr_scale, rc.last_loss, rc.kl_stride))
+        calls.append((rc.steps, rc.lr, rc.lr_scale, rc.last_loss, rc.kl_stride, rc.warmup))
         return {"ppl": 100.0 - rc.steps - 1e3 * rc.lr, "ppl_other": 200.0, "recover_seconds": rc.steps * 1.0}
     monkeypatch.setattr(bench, "local_cell", local_cell)
     argv = ["--model", str(tiny_llama), "--local-steps", "4", "--eval-windows", "2", "--seq-len", "64",
@@ -65,7 +65,7 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     assert bench.main([*hidden, "--local-lr", f"{RecoverConfig.lr},2e-3"]) == 0
     d = RecoverConfig.lr
     # local@0 is the truncation: no loss of its own, one cell for every sweep
-    assert calls == [(0, d, "rms", "hidden", 1), (4, d, "rms", "hidden", 1), (4, 2e-3, "rms", "hidden", 1)]
+    assert calls == [(0, d, "rms", "hidden", 1, 0), (4, d, "rms", "hidden", 1, 0), (4, 2e-3, "rms", "hidden", 1, 0)]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert set(cells) == {"local@0", "local@4", "local@4 lr=0.002"}
     assert cells["local@4"]["lr"] == RecoverConfig.lr and cells["local@4 lr=0.002"]["lr"] == 2e-3
@@ -74,12 +74,15 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     assert len(calls) == 3
     assert set(json.loads((tmp_path / "recovery_t.json").read_text())["cells"]) == set(cells)
     assert bench.main([*hidden, "--local-lr", "2e-3", "--lr-scale", "none"]) == 0  # absolute rates: cells of their own
-    assert calls[3:] == [(4, 2e-3, "none", "hidden", 1)]
+    assert calls[3:] == [(4, 2e-3, "none", "hidden", 1, 0)]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert cells["local@4 lr=0.002 scale=none"]["lr_scale"] == "none" and cells["local@4 lr=0.002"]["lr_scale"] == "rms"
     # the default loss (KL) and its stride: cells beside the hidden ones, each cached
     assert bench.main(argv) == 0 and bench.main([*argv, "--kl-stride", "4"]) == 0 and bench.main(argv) == 0
-    assert calls[4:] == [(4, d, "rms", "kl", 1), (4, d, "rms", "kl", 4)]
+    assert calls[4:] == [(4, d, "rms", "kl", 1, 0), (4, d, "rms", "kl", 4, 0)]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert {"local@4", "local@4 last=kl", "local@4 last=kl stride=4"} <= set(cells)
     assert cells["local@4 last=kl stride=4"]["kl_stride"] == 4 and cells["local@4"]["last_loss"] == "hidden"
+    assert bench.main([*argv, "--warmup", "2"]) == 0 and calls[6:] == [(4, d, "rms", "kl", 1, 2)]
+    cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
+    assert cells["local@4 last=kl warmup=2"]["warmup"] == 2 and cells["local@4 last=kl"]["warmup"] == 0

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.recover import RecoverConfig, RecoveryError, distill, relative_error, split_holdout, step_sizes
+from compress.recover import (RecoverConfig, RecoveryError, distill, lr_factor, relative_error, split_holdout,
+                              step_sizes)
 
 
 def _regression(n_batches=8, rows=32, n_in=6, n_out=5, seed=0):
@@ -107,6 +108,30 @@ def test_step_sizes_are_relative_to_each_tensors_rms():
     assert step_sizes([a, b], 0.01, "none") == [0.01, 0.01]
 
 
+def test_lr_factor_ramps_then_decays():
+    steps = 12
+    plain = [0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
+    assert [lr_factor(s, steps, 0) for s in range(steps)] == pytest.approx(plain, abs=1e-15)
+    got = [lr_factor(s, steps, 3) for s in range(steps)]
+    assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0], abs=1e-15)  # the ramp, then the cosine's start
+    assert all(a > b for a, b in zip(got[3:], got[4:])) and 0 < got[-1] < 0.05
+
+
+def test_warmup_shrinks_the_first_steps():
+    """Adam's first update is the rate times the gradient's sign, whatever its size: with a warm-up
+    of 3 the first step moves every weight a quarter as far."""
+    def first_step(warmup):
+        w, w_star, xs = _regression()
+        start = w.detach().clone()
+        distill([w], lambda b: relative_error(xs[b] @ w.T, xs[b] @ w_star.T), len(xs),
+                RecoverConfig(steps=1, lr=1e-2, lr_scale="none", warmup=warmup))
+        return (w.detach() - start).abs()
+
+    plain, ramped = first_step(0), first_step(3)
+    assert plain.min() > 0  # the step was kept (it lowered the held-out loss)
+    torch.testing.assert_close(ramped, plain / 4, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("scale", [30.0, 1e3])
 def test_relative_rates_train_any_scale_alike(scale):
     """The same regression with weights (and targets) ``scale`` times larger: relative rates take
@@ -127,7 +152,7 @@ def test_relative_rates_train_any_scale_alike(scale):
 
 def test_config_is_checked():
     for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x"),
-                RecoverConfig(last_loss="x"), RecoverConfig(topk=0)):
+                RecoverConfig(last_loss="x"), RecoverConfig(topk=0), RecoverConfig(warmup=-1)):
         with pytest.raises(ValueError, match="recover"):
             bad.check()
 
