@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -250,20 +251,23 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     cells = res["cells"]
     # one line per learning rate and last group's loss, each starting from the truncation (local@0)
     rates = sorted({line_of(cell_settings(c)) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
                    or {line_of(RecoverConfig())})
     lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
                        if k == "local@0" or (k.startswith("local@") and line_of(cell_settings(c)) == r)) for r in rates}
+    # one legend below both panels, which grows with the lines instead of covering them
+    rows = math.ceil((len(lines) + sum(k.startswith("e2e") for k in cells) + 1) / 2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * rows))
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
         for (lr, scale, last, stride, warmup), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
-                    label=f"local (group by group), lr {lr:g}" + (" × RMS" if scale == "rms" else "")
-                    + (", last group on the next-token KL" + (f" at every {stride}th position" if stride > 1 else "")
-                       if last == "kl" else "") + (f", {warmup} warm-up steps" if warmup else ""))
+                    label=f"local, lr {lr:g}" + (" × RMS" if scale == "rms" else "")
+                    + (", last group on the KL" + (f" (every {stride}th position)" if stride > 1 else "")
+                       if last == "kl" else "") + (f", warm-up {warmup}" if warmup else "")
+                    if field == "ppl" else None)
             for s, c, k in local:
                 ax.annotate(k.split("@")[1].split()[0], (s / 60, c[field]), fontsize=7, textcoords="offset points",
                             xytext=(3, 3))
@@ -271,17 +275,18 @@ def plot(res: dict, path: Path) -> None:
             if key.startswith("e2e"):  # after a local cell: its curve starts where that cell's training ended
                 start = cells[c["settings"].get("from", "local@0")].get("recover_seconds", 0.0)
                 ax.plot([(start + p["seconds"]) / 60 for p in c["curve"]], [p[field] for p in c["curve"]], marker=".",
-                        label="end to end" if key == "e2e" else f"{key.replace('e2e', 'end to end')}")
-        ax.axhline(dense, color="gray", ls="--", label="dense")
+                        label=(("end to end" if key == "e2e" else key.replace("e2e", "end to end"))
+                               if field == "ppl" else None))
+        ax.axhline(dense, color="gray", ls="--", label="dense" if field == "ppl" else None)
         ax.set_yscale("log")
         ax.set_xlabel("training minutes (evaluation excluded)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{res['model'].rsplit('/', 1)[-1]}, {res['method']} at {res['ratio']:g}: recovery against time "
                  f"({res['device']}, {res['threads']} threads)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2 * rows / (4.2 + 0.2 * rows) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
