@@ -71,7 +71,7 @@ def checkpoint_recovery(ckpt: Path) -> RecoverConfig | None:
     return RecoverConfig.from_settings(json.loads(report.read_text())["settings"]["recover"]) if report.exists() else None
 
 
-KEYED = ("lr", "lr_scale", "last_loss", "kl_stride", "warmup")  # what a local cell records and its key names
+KEYED = ("lr", "lr_scale", "last_loss", "kl_stride", "warmup", "kl_groups")  # what a local cell records and its key names
 
 
 def cell_settings(cell: dict) -> RecoverConfig:
@@ -92,20 +92,22 @@ def local_config(a: argparse.Namespace, steps: int, lr: float) -> RecoverConfig:
     if not steps:
         return RecoverConfig(steps=0, last_loss=LEGACY["last_loss"])
     return RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale, last_loss=a.last_loss, kl_stride=a.kl_stride,
-                         warmup=a.warmup)
+                         warmup=a.warmup, kl_groups=a.kl_groups)
 
 
 def local_key(rc: RecoverConfig) -> str:
     """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
     default scale); `` last=L`` where the last group's loss is not the hidden state's (the stage's only
     loss when the first cells were run, so their keys have no suffix), with `` stride=S`` where its KL
-    is not taken at every position; `` warmup=W`` with a warm-up."""
+    is not taken at every position and `` groups=K`` where it trains more than the last group; `` warmup=W``
+    with a warm-up."""
     if not rc.steps:
         return "local@0"
     key = f"local@{rc.steps}" if rc.lr == RecoverConfig.lr else f"local@{rc.steps} lr={rc.lr:g}"
     key = key if rc.lr_scale == RecoverConfig.lr_scale else f"{key} scale={rc.lr_scale}"
     if rc.last_loss != LEGACY["last_loss"]:
         key += f" last={rc.last_loss}" + (f" stride={rc.kl_stride}" if rc.kl_stride != LEGACY["kl_stride"] else "")
+        key += f" groups={rc.kl_groups}" if rc.kl_groups != LEGACY["kl_groups"] else ""
     return key + (f" warmup={rc.warmup}" if rc.warmup != LEGACY["warmup"] else "")
 
 
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--last-loss", choices=LAST_LOSSES, default=RecoverConfig.last_loss,
                    help="--recover-last-loss of the local cells")
     p.add_argument("--kl-stride", type=int, default=RecoverConfig.kl_stride, help="--recover-kl-stride of the local cells")
+    p.add_argument("--kl-groups", type=int, default=RecoverConfig.kl_groups,
+                   help="--recover-kl-groups of the local cells")
     p.add_argument("--warmup", type=int, default=RecoverConfig.warmup, help="--recover-warmup of the local cells")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
@@ -262,10 +266,11 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * rows))
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        for (lr, scale, last, stride, warmup), local in lines.items():
+        for (lr, scale, last, stride, warmup, kl_groups), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
                     label=f"local, lr {lr:g}" + (" × RMS" if scale == "rms" else "")
-                    + (", last group on the KL" + (f" (every {stride}th position)" if stride > 1 else "")
+                    + ((", last group on the KL" if kl_groups == 1 else f", last {kl_groups} groups on the KL")
+                       + (f" (every {stride}th position)" if stride > 1 else "")
                        if last == "kl" else "") + (f", warm-up {warmup}" if warmup else "")
                     if field == "ppl" else None)
             for s, c, k in local:

@@ -26,7 +26,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
                disable=not cfg.progress)
     for g in range(done, len(groups)):
         t0 = time.perf_counter()
-        decs = compress_group(cfg, method, src, onload, groups[g], streams, prepared, dtype, timer, memory)
+        decs = compress_group(cfg, method, src, onload, groups[g], streams, prepared, dtype, timer, memory,
+                              kl_tail(cfg, groups, g))
         with timer.stage("write_groups"):
             state = {k: v for name, s in streams.items() for k, v in s.state(name).items()}
             work.save_group(g, decs, state)
@@ -326,10 +327,29 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
     return reports[str(cfg.output)] if n_ratios == 1 else {"checkpoints": reports}
 
 
+def kl_tail(cfg: CompressConfig, groups: list[range], g: int) -> list[int] | None:
+    """The layers after group ``g`` that its recovery's KL runs through (``[]`` for the last group),
+    or None where the group is trained on its hidden state."""
+    if not cfg.recover.steps or cfg.recover.last_loss != "kl" or g < len(groups) - cfg.recover.kl_groups:
+        return None
+    return [i for r in groups[g + 1:] for i in r]
+
+
+@contextmanager
+def kl_rest(onload: Onloader, tail: list[int] | None) -> Iterator[list[torch.nn.Module] | None]:
+    """The dense ``tail`` layers with the outer modules (head, final norm), onloaded for a group's KL."""
+    if tail is None:
+        yield None
+        return
+    with onload.outer(), onload.loaded(tail) as rest:
+        yield rest
+
+
 def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onload: Onloader, layers: range,
                    streams: dict[str, Stream], prepared: Any, dtype: torch.dtype, timer: Timer,
-                   memory: Memory) -> list[Decomposition]:
-    """One group: dense statistics and dense streams, the method, the refit and compressed streams."""
+                   memory: Memory, tail: list[int] | None = None) -> list[Decomposition]:
+    """One group: dense statistics and dense streams, the method, the refit and compressed streams.
+    ``tail``: the layers its recovery's KL runs through (:func:`kl_tail`)."""
     model, spec = src.model, src.spec
     with onload.loaded(list(layers)) as mods:
         refs = [r for r in models.find_linears(model, spec) if r.layer in layers]
@@ -356,14 +376,18 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                 with timer.stage("refit"):
                     outputs = method.refine(work, decs[0], inputs)
             if cfg.recover.steps:
-                last_kl = cfg.recover.last_loss == "kl" and layers[-1] == src.n_layers - 1
-                with timer.stage("recover"), onload.outer() if last_kl else nullcontext():
+                with timer.stage("recover"), kl_rest(onload, tail) as rest:
                     targets = [b.hidden for b in streams["calib"].batches]
                     head = None
-                    if last_kl:
+                    if rest is not None:
                         ids = torch.split(streams["calib"].ids, cfg.batch_size)
                         at = slice(cfg.recover.kl_stride - 1, None, cfg.recover.kl_stride)
-                        head = lambda b, h: calibrate.head_logits(model, spec, ids[b][:, at], h[:, at])  # noqa: E731
+
+                        def head(b: int, h: torch.Tensor) -> torch.Tensor:
+                            x = LayerInput(h, inputs[b].kwargs)
+                            for layer in rest:
+                                x = calibrate.forward_layer(layer, x)
+                            return calibrate.head_logits(model, spec, ids[b][:, at], x.hidden[:, at])
                     log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,
                                                          cfg.recover, seed=cfg.seed + layers[0], head=head)
                     decs[0].recovery[str(layers[0])] = log.as_dict()
@@ -488,7 +512,7 @@ def summary(manifest: Manifest, src: Source, dec: Decomposition) -> dict[str, An
 
 def recovery_summary(per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The recovery stage over all groups: totals, the mean held-out loss before and after (relative
-    error over the groups trained on hidden states; ``kl_*`` for the group trained on the next-token
+    error over the groups trained on hidden states; ``kl_*`` over those trained on the next-token
     distribution, if any), and each group's log (keyed by its first layer)."""
     logs = list(per_group.values())
     out: dict[str, Any] = {"steps": sum(g["steps"] for g in logs), "seconds": round(sum(g["seconds"] for g in logs), 2)}

@@ -18,8 +18,13 @@ final RMS norm sees them. The last group's output feeds nothing but the head, so
 dense model's next-token distribution (its top ``topk`` tokens and one bucket for the rest,
 :func:`compress.soco.topk_kl`), through the model's final norm and head, at every ``kl_stride``-th
 position (the head's product with the whole vocabulary can cost more than the group itself; every
-position still runs through the group). The calibration batches are split once: the last ``holdout`` share is
-never trained on, and the held-out loss decides early stopping and which state is kept.
+position still runs through the group). With ``kl_groups`` K > 1 the last K groups are trained on
+that KL, each through the *dense* layers after it (the compressed ones are not made yet when the
+group trains): a hidden-state error then costs what the rest of the model makes of it, not its
+norm. Memory stays bounded by K groups; the K-th last group's time grows with the layers after it.
+
+The calibration batches are split once: the last ``holdout`` share is never trained on, and the
+held-out loss decides early stopping and which state is kept.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class RecoverConfig:
     topk: int = 128  # teacher tokens kept per position for last_loss="kl"
     kl_stride: int = 1  # last_loss="kl" at every kl_stride-th position (the head's vocabulary-wide product is its cost)
     warmup: int = 0  # steps of linear warm-up before the cosine decay, in every group (see lr_factor)
+    kl_groups: int = 1  # with last_loss="kl": how many of the last groups are trained on the KL (through the dense layers after them)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "RecoverConfig":
@@ -75,6 +81,8 @@ class RecoverConfig:
             raise ValueError(f"--recover-last-loss must be one of {', '.join(LAST_LOSSES)}, got {self.last_loss!r}")
         if self.warmup < 0:
             raise ValueError(f"--recover-warmup must be >= 0, got {self.warmup}")
+        if self.kl_groups < 1:
+            raise ValueError(f"--recover-kl-groups must be >= 1, got {self.kl_groups}")
         if self.topk < 1 or self.kl_stride < 1:
             raise ValueError(f"recovery topk and --recover-kl-stride must be >= 1, got {self.topk} and {self.kl_stride}")
         if self.check_every < 1 or self.patience < 1:
@@ -83,7 +91,7 @@ class RecoverConfig:
 
 LR_SCALES = ("rms", "none")
 LAST_LOSSES = ("hidden", "kl")
-LEGACY = {"last_loss": "hidden", "kl_stride": 1, "warmup": 0}  # what runs from before a field existed did (RecoverConfig.from_settings)
+LEGACY = {"last_loss": "hidden", "kl_stride": 1, "warmup": 0, "kl_groups": 1}  # what runs from before a field existed did (RecoverConfig.from_settings)
 DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 
@@ -262,8 +270,9 @@ def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposit
     compressed ``layers`` on ``inputs`` (the compressed model's activations) reproduce ``targets``
     (the dense group's outputs); returns the log and the recovered group's outputs.
 
-    With ``head`` (batch index, last hidden state -> logits; given for the model's last group) the
-    group matches the next-token distribution that ``targets`` give through it instead."""
+    With ``head`` (batch index, the group's output -> the model's logits: through the layers after
+    the group, if any, and the head) the group matches the next-token distribution that ``targets``
+    give through it instead."""
     mods = lowrank_modules(dec.linears, dec.bases, lambda n: dec.tensors[n].clone(), compute_dtype)
     params = trainable(dec.linears, mods)
 

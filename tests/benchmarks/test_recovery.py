@@ -86,3 +86,6 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     assert bench.main([*argv, "--warmup", "2"]) == 0 and calls[6:] == [(4, d, "rms", "kl", 1, 2)]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert cells["local@4 last=kl warmup=2"]["warmup"] == 2 and cells["local@4 last=kl"]["warmup"] == 0
+    assert bench.main([*argv, "--kl-groups", "3"]) == 0 and calls[7:] == [(4, d, "rms", "kl", 1, 0)]
+    cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
+    assert cells["local@4 last=kl groups=3"]["kl_groups"] == 3 and cells["local@4 last=kl"]["kl_groups"] == 1

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -152,7 +153,8 @@ def test_relative_rates_train_any_scale_alike(scale):
 
 def test_config_is_checked():
     for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x"),
-                RecoverConfig(last_loss="x"), RecoverConfig(topk=0), RecoverConfig(warmup=-1)):
+                RecoverConfig(last_loss="x"), RecoverConfig(topk=0), RecoverConfig(warmup=-1),
+                RecoverConfig(kl_groups=0)):
         with pytest.raises(ValueError, match="recover"):
             bad.check()
 
@@ -229,6 +231,42 @@ def test_last_group_trained_on_the_next_token_distribution(tiny_llama, text_file
         t_logp, t_idx = soco.topk_logp(dense(input_ids=ids).logits, RecoverConfig.topk)
         got = soco.topk_kl(load_soco_model(tmp_path / "kl")(input_ids=ids).logits, t_logp, t_idx)
     assert float(got) == pytest.approx(log["val_after"], rel=1e-4)
+
+
+def test_last_groups_trained_on_the_kl_through_the_dense_layers_after_them(tiny_llama, text_file, tmp_path):
+    """With --recover-kl-groups 3 the last three of four groups are trained on the KL, each through
+    the dense layers after it: the kept state's held-out loss is the KL of the written model with
+    the layers after that group put back dense. The first group keeps the hidden-state loss."""
+    from compress import soco
+    from compress.config import CompressConfig
+    from compress.models import load_model
+    from compress.pipeline import calibration_windows, kl_tail
+    from soco_serve.hf import load_soco_model
+
+    rep = _run(tiny_llama, tmp_path / "deep", text_file, "--method", "svd-llm", "--ratio", "0.4",
+               "--recover-steps", "20", "--recover-lr", "5e-3", "--recover-kl-groups", "3")
+    logs = rep["recovery"]["per_group"]
+    assert rep["settings"]["recover"]["kl_groups"] == 3 and [logs[g]["loss"] for g in "0123"] == ["hidden"] + ["kl"] * 3
+    assert all(logs[g]["train_last"] < logs[g]["train_first"] and logs[g]["val_after"] <= logs[g]["val_before"]
+               for g in "123")
+
+    cfg = CompressConfig(output=tmp_path / "x", calib_text=str(text_file), calib_windows=16, seq_len=64)
+    dense, tok, _ = load_model(str(tiny_llama))
+    ids = calibration_windows(cfg, tok)[-cfg.batch_size:]  # the held-out batch
+    with torch.no_grad():
+        t_logp, t_idx = soco.topk_logp(dense(input_ids=ids).logits, RecoverConfig.topk)
+        for g in (1, 2):
+            model = load_soco_model(tmp_path / "deep")
+            for i in range(g + 1, 4):
+                model.model.layers[i] = dense.model.layers[i]
+            got = soco.topk_kl(model(input_ids=ids).logits, t_logp, t_idx)
+            assert float(got) == pytest.approx(logs[str(g)]["val_after"], rel=1e-4), g
+
+    groups = [range(i, i + 1) for i in range(4)]
+    rc = RecoverConfig(steps=8, kl_groups=3)
+    assert [kl_tail(replace(cfg, recover=rc), groups, g) for g in range(4)] == [None, [2, 3], [3], []]
+    assert kl_tail(replace(cfg, recover=replace(rc, last_loss="hidden")), groups, 3) is None
+    assert kl_tail(replace(cfg, recover=replace(rc, steps=0)), groups, 3) is None
 
 
 def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_path):
