@@ -90,7 +90,7 @@ class Method:
     default_group_size: ClassVar[int] = 1
     own_settings: ClassVar[tuple[str, ...]] = ()  # CompressConfig fields that only this method reads
     # whether recovery is on when --recover-steps is not given: a method whose truncation is already
-    # trained against the model's output loses by local recovery (docs/results.md, quality with recovery)
+    # trained against the model's output loses by local recovery (docs/results.md)
     recovers_by_default: ClassVar[bool] = True
 
     def group_size(self, cfg: "CompressConfig", n_layers: int) -> int:
@@ -330,7 +330,8 @@ class Soco(Method):
     shares_bases = True
     own_settings = ("soco",)
     # its scores are trained end to end; local recovery pulls each group back towards the dense
-    # group's outputs and undoes that (worse in and out of domain, docs/results.md)
+    # group's outputs and undoes part of that: worse out of domain even with the last group on the KL
+    # (docs/results.md, basis-sharing and soco at the new default)
     recovers_by_default = False
 
     def check(self, cfg):
