@@ -145,7 +145,7 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
     shutil.rmtree(out, ignore_errors=True)
     res = compress_subprocess(code, [str(model), "-o", str(out), "--method", method, "--ratio", str(a.ratio),
                                      "--calib-windows", str(a.calib_windows), "--seq-len", str(a.seq_len),
-                                     "--no-eval", "--no-progress",
+                                     "--no-eval", "--no-progress", *(["--device", a.device] if a.device != "cpu" else []),
                                      *(["--soco-steps", str(a.soco_steps), "--soco-offload", a.soco_offload]
                                        if method == "soco" else []),
                                      # the decomposition's memory and time, without the recovery stage
@@ -155,7 +155,11 @@ def run_cell(code: Path, model: Path, method: str, a: argparse.Namespace, work: 
     report = res.pop("report", None)
     if report is None:
         return res
-    return {**res, "peak_stat_bytes": report.get("memory", {}).get("peak_stat_bytes"), "seconds": report["seconds"],
+    memory = report.get("memory", {})
+    return {**res, "peak_stat_bytes": memory.get("peak_stat_bytes"),
+            **({"cuda_max_allocated_bytes": memory["cuda_max_allocated_bytes"]}
+               if "cuda_max_allocated_bytes" in memory else {}),
+            "seconds": report["seconds"],
             "seconds_per_group": report.get("seconds_per_group"), "achieved_ratio": report["achieved_ratio"]}
 
 
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="soco's cells: 'on' (the default here) onloads each group for each use, the path whose memory "
                         "is bounded by one group; 'auto' (soco-compress's default) holds the stack while it needs "
                         "less than half of the available memory, so its peak grows with depth up to that point")
+    p.add_argument("--device", default="cpu", help="the compressor's --device (cuda: its peak GPU memory is recorded "
+                                                   "too); one device per results file, so name it with --name")
     p.add_argument("--baseline", default=None, help="a commit whose compressor runs beside (a git worktree)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SOCO_SCALE_CACHE", "/tmp/soco-scale")),
                    help="where the random models are kept")
@@ -213,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"scale_{a.name}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    res.update(device=device_name(torch.device("cpu")), ratio=a.ratio, calib_windows=a.calib_windows,
+    if res.get("cells") and res.get("device") != device_name(torch.device(a.device)):
+        raise SystemExit(f"{path}: its cells come from {res.get('device')!r}, not {device_name(torch.device(a.device))!r}; "
+                         "pass another --name")
+    res.update(device=device_name(torch.device(a.device)), ratio=a.ratio, calib_windows=a.calib_windows,
                seq_len=a.seq_len, dtype=a.dtype)
     res.setdefault("shapes", {}).update({k: SHAPES[k] for k in a.shapes.split(",")})
     cells = res.setdefault("cells", {})

@@ -3,6 +3,8 @@ compression per depth in its own process, peak RSS and seconds per group recorde
 
 import json
 
+import pytest
+
 from tests.helpers import load_benchmark
 
 
@@ -29,6 +31,10 @@ def test_scale_cells_record_memory_and_groups(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert scale.main(argv) == 0  # every cell cached
     assert capsys.readouterr().out.count("cached") == 2
+    res["device"] = "NVIDIA H200"  # one results file holds one device's cells: another is refused
+    (tmp_path / "results" / "scale_t.json").write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="scale_t.json: its cells come from 'NVIDIA H200'"):
+        scale.main(argv)
 
 
 def test_extrapolation_counts_groups_not_layers(tmp_path, monkeypatch):
