@@ -33,9 +33,10 @@ from .torch_lowrank import expand_2d, forward_2d, shrink_2d
 logger = logging.getLogger(__name__)
 
 # Largest token count (rows of x) sent to the Triton decode kernels on CUDA; larger batches
-# (prefill) are compute-bound and go to two cuBLAS products. NOT MEASURED: chosen without a GPU.
-# Set it from `benchmarks/kernel_bench.py` on the target GPU (the token count where the
-# `triton` and `torch` columns cross).
+# (prefill) are compute-bound and go to two cuBLAS products. Chosen without a GPU; the first H200
+# run (benchmarks/results/kernel_bench_nvidia-h200_*.json, docs/results.md) found neither path
+# faster than dense yet, so it is still to be set from `benchmarks/kernel_bench.py` on the target
+# GPU (the token count where the `triton` and `torch` columns cross) once the kernels are tuned.
 TRITON_MAX_TOKENS = 64
 
 
