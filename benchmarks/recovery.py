@@ -71,7 +71,7 @@ def checkpoint_recovery(ckpt: Path) -> RecoverConfig | None:
     return RecoverConfig.from_settings(json.loads(report.read_text())["settings"]["recover"]) if report.exists() else None
 
 
-KEYED = ("lr", "lr_scale", "last_loss", "kl_stride", "warmup", "kl_groups")  # what a local cell records and its key names
+KEYED = ("lr", "lr_scale", "last_loss", "kl_stride", "warmup", "kl_groups", "kl_steps")  # what a local cell records and its key names
 
 
 def cell_settings(cell: dict) -> RecoverConfig:
@@ -92,15 +92,15 @@ def local_config(a: argparse.Namespace, steps: int, lr: float) -> RecoverConfig:
     if not steps:
         return RecoverConfig(steps=0, last_loss=LEGACY["last_loss"])
     return RecoverConfig(steps=steps, lr=lr, lr_scale=a.lr_scale, last_loss=a.last_loss, kl_stride=a.kl_stride,
-                         warmup=a.warmup, kl_groups=a.kl_groups)
+                         warmup=a.warmup, kl_groups=a.kl_groups, kl_steps=a.kl_steps)
 
 
 def local_key(rc: RecoverConfig) -> str:
     """``local@STEPS`` at the default learning rate, else ``local@STEPS lr=LR`` (and `` scale=S`` off the
     default scale); `` last=L`` where the last group's loss is not the hidden state's (the stage's only
     loss when the first cells were run, so their keys have no suffix), with `` stride=S`` where its KL
-    is not taken at every position and `` groups=K`` where it trains more than the last group; `` warmup=W``
-    with a warm-up."""
+    is not taken at every position, `` groups=K`` where it trains more than the last group and `` kl@N``
+    where the KL groups take their own N steps; `` warmup=W`` with a warm-up."""
     if not rc.steps:
         return "local@0"
     key = f"local@{rc.steps}" if rc.lr == RecoverConfig.lr else f"local@{rc.steps} lr={rc.lr:g}"
@@ -108,6 +108,7 @@ def local_key(rc: RecoverConfig) -> str:
     if rc.last_loss != LEGACY["last_loss"]:
         key += f" last={rc.last_loss}" + (f" stride={rc.kl_stride}" if rc.kl_stride != LEGACY["kl_stride"] else "")
         key += f" groups={rc.kl_groups}" if rc.kl_groups != LEGACY["kl_groups"] else ""
+        key += f" kl@{rc.kl_steps}" if rc.kl_steps != LEGACY["kl_steps"] else ""
     return key + (f" warmup={rc.warmup}" if rc.warmup != LEGACY["warmup"] else "")
 
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-stride", type=int, default=RecoverConfig.kl_stride, help="--recover-kl-stride of the local cells")
     p.add_argument("--kl-groups", type=int, default=RecoverConfig.kl_groups,
                    help="--recover-kl-groups of the local cells")
+    p.add_argument("--kl-steps", type=int, default=RecoverConfig.kl_steps,
+                   help="--recover-kl-steps of the local cells (default: their steps)")
     p.add_argument("--warmup", type=int, default=RecoverConfig.warmup, help="--recover-warmup of the local cells")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-lr", type=float, default=RecoverConfig.lr)
@@ -258,7 +261,7 @@ def plot(res: dict, path: Path) -> None:
     cells = res["cells"]
     # one line per learning rate and last group's loss, each starting from the truncation (local@0)
     rates = sorted({line_of(cell_settings(c)) for k, c in cells.items() if k.startswith("local@") and k != "local@0"}
-                   or {line_of(RecoverConfig())})
+                   or {line_of(RecoverConfig())}, key=lambda r: tuple(-1 if v is None else v for v in r))  # kl_steps: None
     lines = {r: sorted((c.get("recover_seconds", 0.0), c, k) for k, c in cells.items()
                        if k == "local@0" or (k.startswith("local@") and line_of(cell_settings(c)) == r)) for r in rates}
     # one legend below both panels, which grows with the lines instead of covering them
@@ -266,11 +269,12 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.2 * rows))
     for ax, field, dense, title in ((axes[0], "ppl", res["dense"]["eval"], "evaluation split (in domain)"),
                                     (axes[1], "ppl_other", res["dense"]["other"], f"{res['other_text']} (other domain)")):
-        for (lr, scale, last, stride, warmup, kl_groups), local in lines.items():
+        for (lr, scale, last, stride, warmup, kl_groups, kl_steps), local in lines.items():
             ax.plot([s / 60 for s, _, _ in local], [c[field] for _, c, _ in local], marker="o",
                     label=f"local, lr {lr:g}" + (" × RMS" if scale == "rms" else "")
                     + ((", last group on the KL" if kl_groups == 1 else f", last {kl_groups} groups on the KL")
                        + (f" (every {stride}th position)" if stride > 1 else "")
+                       + (f" for {kl_steps} steps" if kl_steps else "")
                        if last == "kl" else "") + (f", warm-up {warmup}" if warmup else "")
                     if field == "ppl" else None)
             for s, c, k in local:

@@ -146,6 +146,9 @@ def compress_parser() -> argparse.ArgumentParser:
     r.add_argument("--recover-kl-groups", type=int, default=rd.kl_groups, metavar="K",
                    help="with --recover-last-loss kl, train the last K groups on the KL, each through the dense layers "
                         "after it (memory: K groups onloaded; time grows with K)")
+    r.add_argument("--recover-kl-steps", type=int, default=rd.kl_steps, metavar="N",
+                   help="with --recover-last-loss kl, the KL groups' steps (default: --recover-steps): the last "
+                        "group's own truncation is what limits the stage, and each of its steps costs a head pass")
     r.add_argument("--recover-warmup", type=int, default=rd.warmup, metavar="N",
                    help="steps of linear learning-rate warm-up in every group, before the cosine decay")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,
@@ -256,7 +259,7 @@ def cmd_compress(argv: list[str]) -> int:
         recover=RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, lr_scale=a.recover_lr_scale,
                               holdout=a.recover_holdout, last_loss=a.recover_last_loss,
                               kl_stride=a.recover_kl_stride, warmup=a.recover_warmup,
-                              kl_groups=a.recover_kl_groups),
+                              kl_groups=a.recover_kl_groups, kl_steps=a.recover_kl_steps),
     )
     report = run(cfg)
     for path, rep in report.get("checkpoints", {str(cfg.output): report}).items():

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -388,8 +388,10 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
                             for layer in rest:
                                 x = calibrate.forward_layer(layer, x)
                             return calibrate.head_logits(model, spec, ids[b][:, at], x.hidden[:, at])
+                    rcfg = cfg.recover if head is None or cfg.recover.kl_steps is None else replace(
+                        cfg.recover, steps=cfg.recover.kl_steps)
                     log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,
-                                                         cfg.recover, seed=cfg.seed + layers[0], head=head)
+                                                         rcfg, seed=cfg.seed + layers[0], head=head)
                     decs[0].recovery[str(layers[0])] = log.as_dict()
             streams["compressed"].put(outputs)
         del grams, work

@@ -61,6 +61,7 @@ class RecoverConfig:
     kl_stride: int = 1  # last_loss="kl" at every kl_stride-th position (the head's vocabulary-wide product is its cost)
     warmup: int = 0  # steps of linear warm-up before the cosine decay, in every group (see lr_factor)
     kl_groups: int = 1  # with last_loss="kl": how many of the last groups are trained on the KL (through the dense layers after them)
+    kl_steps: int | None = None  # with last_loss="kl": the KL groups' steps (None: ``steps``); their truncation limits the stage
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "RecoverConfig":
@@ -83,6 +84,8 @@ class RecoverConfig:
             raise ValueError(f"--recover-warmup must be >= 0, got {self.warmup}")
         if self.kl_groups < 1:
             raise ValueError(f"--recover-kl-groups must be >= 1, got {self.kl_groups}")
+        if self.kl_steps is not None and self.kl_steps < 1:
+            raise ValueError(f"--recover-kl-steps must be >= 1, got {self.kl_steps}")
         if self.topk < 1 or self.kl_stride < 1:
             raise ValueError(f"recovery topk and --recover-kl-stride must be >= 1, got {self.topk} and {self.kl_stride}")
         if self.check_every < 1 or self.patience < 1:
@@ -91,7 +94,7 @@ class RecoverConfig:
 
 LR_SCALES = ("rms", "none")
 LAST_LOSSES = ("hidden", "kl")
-LEGACY = {"last_loss": "hidden", "kl_stride": 1, "warmup": 0, "kl_groups": 1}  # what runs from before a field existed did (RecoverConfig.from_settings)
+LEGACY = {"last_loss": "hidden", "kl_stride": 1, "warmup": 0, "kl_groups": 1, "kl_steps": None}  # what runs from before a field existed did (RecoverConfig.from_settings)
 DEFAULT_STEPS = 32  # what "auto" means where recovery applies (docs/results.md, Recovery)
 
 

@@ -89,3 +89,6 @@ def test_learning_rates_add_cells_beside_the_default(bench, tiny_llama, tmp_path
     assert bench.main([*argv, "--kl-groups", "3"]) == 0 and calls[7:] == [(4, d, "rms", "kl", 1, 0)]
     cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
     assert cells["local@4 last=kl groups=3"]["kl_groups"] == 3 and cells["local@4 last=kl"]["kl_groups"] == 1
+    assert bench.main([*argv, "--kl-steps", "6"]) == 0 and calls[8:] == [(4, d, "rms", "kl", 1, 0)]
+    cells = json.loads((tmp_path / "recovery_t.json").read_text())["cells"]
+    assert cells["local@4 last=kl kl@6"]["kl_steps"] == 6 and cells["local@4 last=kl"]["kl_steps"] is None

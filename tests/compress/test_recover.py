@@ -154,7 +154,7 @@ def test_relative_rates_train_any_scale_alike(scale):
 def test_config_is_checked():
     for bad in (RecoverConfig(steps=-1), RecoverConfig(lr=0), RecoverConfig(holdout=1.0), RecoverConfig(lr_scale="x"),
                 RecoverConfig(last_loss="x"), RecoverConfig(topk=0), RecoverConfig(warmup=-1),
-                RecoverConfig(kl_groups=0)):
+                RecoverConfig(kl_groups=0), RecoverConfig(kl_steps=0)):
         with pytest.raises(ValueError, match="recover"):
             bad.check()
 
@@ -235,8 +235,9 @@ def test_last_group_trained_on_the_next_token_distribution(tiny_llama, text_file
 
 def test_last_groups_trained_on_the_kl_through_the_dense_layers_after_them(tiny_llama, text_file, tmp_path):
     """With --recover-kl-groups 3 the last three of four groups are trained on the KL, each through
-    the dense layers after it: the kept state's held-out loss is the KL of the written model with
-    the layers after that group put back dense. The first group keeps the hidden-state loss."""
+    the dense layers after it, for their own --recover-kl-steps: the kept state's held-out loss is
+    the KL of the written model with the layers after that group put back dense. The first group
+    keeps the hidden-state loss and --recover-steps."""
     from compress import soco
     from compress.config import CompressConfig
     from compress.models import load_model
@@ -244,9 +245,10 @@ def test_last_groups_trained_on_the_kl_through_the_dense_layers_after_them(tiny_
     from soco_serve.hf import load_soco_model
 
     rep = _run(tiny_llama, tmp_path / "deep", text_file, "--method", "svd-llm", "--ratio", "0.4",
-               "--recover-steps", "20", "--recover-lr", "5e-3", "--recover-kl-groups", "3")
+               "--recover-steps", "20", "--recover-lr", "5e-3", "--recover-kl-groups", "3", "--recover-kl-steps", "30")
     logs = rep["recovery"]["per_group"]
     assert rep["settings"]["recover"]["kl_groups"] == 3 and [logs[g]["loss"] for g in "0123"] == ["hidden"] + ["kl"] * 3
+    assert rep["settings"]["recover"]["kl_steps"] == 30 and [logs[g]["steps"] for g in "0123"] == [20, 30, 30, 30]
     assert all(logs[g]["train_last"] < logs[g]["train_first"] and logs[g]["val_after"] <= logs[g]["val_before"]
                for g in "123")
 
