@@ -12,6 +12,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
 # QUICK=1 passes --quick to both benchmarks (a smoke run of this script, also on a CPU).
 # Then copy the JSON/PNG files into benchmarks/results/ and the figures into the README.
+# The compressor's GPU checks are benchmarks/gpu_compress.sh (a second run: together they pass the
+# ten minutes one device command may take).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
