@@ -147,8 +147,8 @@ def compress_parser() -> argparse.ArgumentParser:
                    help="with --recover-last-loss kl, train the last K groups on the KL, each through the dense layers "
                         "after it (memory: K groups onloaded; time grows with K)")
     r.add_argument("--recover-kl-steps", type=int, default=rd.kl_steps, metavar="N",
-                   help="with --recover-last-loss kl, the KL groups' steps (default: --recover-steps): the last "
-                        "group's own truncation is what limits the stage, and each of its steps costs a head pass")
+                   help="with --recover-last-loss kl, the KL groups' own steps (default: --recover-steps; each costs "
+                        "a pass through the head). More steps everywhere bought more than more here (docs/results.md)")
     r.add_argument("--recover-warmup", type=int, default=rd.warmup, metavar="N",
                    help="steps of linear learning-rate warm-up in every group, before the cosine decay")
     r.add_argument("--recover-holdout", type=float, default=rd.holdout,

@@ -61,7 +61,7 @@ class RecoverConfig:
     kl_stride: int = 1  # last_loss="kl" at every kl_stride-th position (the head's vocabulary-wide product is its cost)
     warmup: int = 0  # steps of linear warm-up before the cosine decay, in every group (see lr_factor)
     kl_groups: int = 1  # with last_loss="kl": how many of the last groups are trained on the KL (through the dense layers after them)
-    kl_steps: int | None = None  # with last_loss="kl": the KL groups' steps (None: ``steps``); their truncation limits the stage
+    kl_steps: int | None = None  # with last_loss="kl": the KL groups' own steps (None: ``steps``); each costs a head pass
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "RecoverConfig":
