@@ -44,12 +44,7 @@ py=${PYTHON:-python3}
 mkdir -p "$out" /tmp/soco-scale
 cp -r "$cache/scale/tokenizer" /tmp/soco-scale/
 export PYTHONUNBUFFERED=1 SOCO_CACHE_DIR=$PWD/$cache
-step() {  # step SECONDS COMMAND...: run with a time limit, report its exit status, go on
-    local limit=$1; shift
-    echo "=== $(date -u +%H:%M:%S) $* (limit ${limit}s)"
-    timeout "$limit" "$@"
-    echo "=== exit status $?"
-}
+source benchmarks/gpu_steps.sh
 scale() { step "$1" "$py" -m benchmarks.scale --device cuda --name "$name" "${@:2}"; cp "benchmarks/results/scale_$name".* "$out"/ 2>/dev/null; }
 {
     step 90 "$py" -m pytest -q -ra -p no:cacheprovider tests/compress/test_streaming.py -k cuda \

@@ -21,12 +21,7 @@ py=${PYTHON:-python3}
 quick=${QUICK:+--quick}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-step() {  # step SECONDS COMMAND...: run with a time limit, report its exit status, go on
-    local limit=$1; shift
-    echo "=== $(date -u +%H:%M:%S) $* (limit ${limit}s)"
-    timeout "$limit" "$@"
-    echo "=== exit status $?"
-}
+source benchmarks/gpu_steps.sh
 {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || echo "no nvidia-smi"
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
