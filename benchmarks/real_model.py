@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-serve", action="store_true", help="compress and evaluate only")
     p.add_argument("--soco-steps", type=int, default=None,
                    help="soco's training steps (default: the compressor's); recorded in the cell")
+    p.add_argument("--compress-args", default="",
+                   help="more soco-compress options for the cells computed in this run, e.g. "
+                        "'--recover-kl-stride 4'; recorded in each cell")
     a = p.parse_args(argv)
     import torch
 
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpts = {k: ckpt if len(ratios) == 1 else ckpt / f"ratio-{float(r):g}" for k, r in zip(keys, ratios)}
         if not all("report" in cells.get(k, {}) for k in keys):
             extra = ["--soco-steps", str(a.soco_steps)] if method == "soco" and a.soco_steps is not None else []
+            extra += shlex.split(a.compress_args)
             r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method,
                                            "--ratio", ",".join(ratios), "--calib-windows", str(a.calib_windows),
                                            "--eval-windows", str(a.eval_windows), "--seq-len", str(a.seq_len),
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 c["report"] = {k2: rk[k2] for k2 in ("achieved_ratio", "model_ratio", "ppl_dense", "ppl_compressed",
                                                      "eval_tokens", "seconds", "seconds_per_group", "memory",
                                                      "linear_params", "model_params")}
-                if extra:
+                if method == "soco" and a.soco_steps is not None:
                     c["report"]["soco_steps"] = a.soco_steps
+                if a.compress_args:
+                    c["report"]["compress_args"] = a.compress_args
                 if len(ratios) > 1:
                     c["report"]["trained_with"] = spec  # the run that trained this cell's scores
                 if "recovery" in rk:  # the stage's totals and settings; the per-group logs stay in the checkpoint's report

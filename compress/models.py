@@ -311,7 +311,10 @@ def resolve_model(source: str | None) -> Path | str:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"{p}: GGUF file not found")
-        return _export_gguf(p, cache_dir() / "gguf" / p.stem)
+        out = cache_dir() / "gguf" / p.stem
+        # the export is atomic, so a config means a finished one; redone when the file is newer
+        done = out / "config.json"
+        return out if done.is_file() and done.stat().st_mtime >= p.stat().st_mtime else _export_gguf(p, out)
     if p.exists() or not _HUB_ID.fullmatch(source):
         if not p.is_dir():
             raise ModelError(f"{p}: model folder not found")

@@ -25,3 +25,14 @@ def test_one_soco_run_fills_every_ratios_cell_and_cells_are_cached(tiny_llama, t
     mtime = (tmp_path / "results" / "real_t.json").stat().st_mtime_ns
     assert real.main(argv) == 0  # every cell cached: nothing recompressed, nothing rewritten
     assert (tmp_path / "results" / "real_t.json").stat().st_mtime_ns == mtime
+
+
+def test_compressor_options_reach_the_run_and_the_cell(tiny_llama, tmp_path, monkeypatch):
+    real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
+    opts = "--recover-steps 2 --recover-kl-stride 4"
+    assert real.main([str(tiny_llama), "--name", "t", "--cells", "svd-llm+recover@0.3", "--compress-args", opts,
+                      "--calib-windows", "8", "--eval-windows", "1", "--seq-len", "64", "--no-serve",
+                      "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["svd-llm+recover@0.3"]["report"]
+    assert rep["compress_args"] == opts
+    assert rep["recover_settings"]["steps"] == 2 and rep["recover_settings"]["kl_stride"] == 4
