@@ -378,16 +378,21 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
             if cfg.recover.steps:
                 with timer.stage("recover"), kl_rest(onload, tail) as rest:
                     targets = [b.hidden for b in streams["calib"].batches]
-                    head = None
+                    head: recover.KLHead | None = None
                     if rest is not None:
                         ids = torch.split(streams["calib"].ids, cfg.batch_size)
                         at = slice(cfg.recover.kl_stride - 1, None, cfg.recover.kl_stride)
 
-                        def head(b: int, h: torch.Tensor) -> torch.Tensor:
+                        def through(b: int, h: torch.Tensor) -> torch.Tensor:
                             x = LayerInput(h, inputs[b].kwargs)
                             for layer in rest:
                                 x = calibrate.forward_layer(layer, x)
-                            return calibrate.head_logits(model, spec, ids[b][:, at], x.hidden[:, at])
+                            return x.hidden[:, at]
+
+                        def logits(b: int, positions: slice, h: torch.Tensor) -> torch.Tensor:
+                            return calibrate.head_logits(model, spec, ids[b][:, at][:, positions], h)
+
+                        head = recover.KLHead(through, logits, model.get_output_embeddings().weight.shape[0])
                     rcfg = cfg.recover if head is None or cfg.recover.kl_steps is None else replace(
                         cfg.recover, steps=cfg.recover.kl_steps)
                     log, outputs = recover.recover_group(model, mods, decs[0], src.dtype, inputs, targets,

@@ -18,7 +18,9 @@ final RMS norm sees them. The last group's output feeds nothing but the head, so
 dense model's next-token distribution (its top ``topk`` tokens and one bucket for the rest,
 :func:`compress.soco.topk_kl`), through the model's final norm and head, at every ``kl_stride``-th
 position (the head's product with the whole vocabulary can cost more than the group itself; every
-position still runs through the group). With ``kl_groups`` K > 1 the last K groups are trained on
+position still runs through the group). The head's logits are computed a slice of positions at a
+time and recomputed in the backward pass (:func:`sliced_kl`), so a large vocabulary does not make
+the KL's memory grow with the positions per batch. With ``kl_groups`` K > 1 the last K groups are trained on
 that KL, each through the *dense* layers after it (the compressed ones are not made yet when the
 group trains): a hidden-state error then costs what the rest of the model makes of it, not its
 norm. Memory stays bounded by K groups; the K-th last group's time grows with the layers after it.
@@ -33,10 +35,12 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_name
@@ -266,16 +270,60 @@ def trainable(linears: Mapping[str, LinearEntry], mods: Mapping[str, nn.Module])
     return out
 
 
+KL_SLICE_BYTES = 1 << 29  # the most one vocabulary-wide float32 tensor of the KL may take (sliced_kl)
+
+
+@dataclass
+class KLHead:
+    """What a group trained on the KL runs after its output, in two parts because only the second
+    is position by position (and so can be sliced, :func:`sliced_kl`)."""
+
+    rest: Callable[[int, torch.Tensor], torch.Tensor]  # batch, group output -> what the head reads, at the positions the KL counts
+    logits: Callable[[int, slice, torch.Tensor], torch.Tensor]  # batch, slice of those positions, their hidden states -> logits
+    vocab: int
+
+    def positions_per_slice(self, batch: int) -> int:
+        return max(1, KL_SLICE_BYTES // (4 * batch * self.vocab))
+
+
+def sliced_kl(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Tensor, t_logp: torch.Tensor,
+              t_idx: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`compress.soco.topk_kl` of ``logits(positions, h[:, positions])`` over all of ``h``'s
+    positions (dim 1), ``size`` positions at a time. A vocabulary-wide tensor per position is the
+    KL's largest buffer (a 128K vocabulary at 2,048 positions is 1 GB of float32 per tensor, and the
+    backward pass keeps several), so each slice's logits are recomputed in the backward pass
+    (activation checkpointing) and only one slice's are alive at a time. Equal to the one-piece KL
+    up to round-off; in one piece (no recomputation) when ``size`` covers every position."""
+    n = h.shape[1]
+    if size >= n:
+        return topk_kl(logits(slice(None), h), t_logp, t_idx)
+    total = h.new_zeros((), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
+
+        def part(x: torch.Tensor, sl: slice = sl) -> torch.Tensor:
+            return topk_kl(logits(sl, x), t_logp[:, sl], t_idx[:, sl])
+
+        total = total + checkpoint(part, h[:, sl], use_reentrant=False) * (sl.stop - sl.start)
+    return total / n
+
+
+def sliced_topk_logp(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Tensor, k: int,
+                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher side of :func:`sliced_kl`: :func:`compress.soco.topk_logp` ``size`` positions at a time."""
+    parts = [topk_logp(logits(sl, h[:, sl]), k) for sl in (slice(s, s + size) for s in range(0, h.shape[1], size))]
+    return torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
+
+
 def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposition, compute_dtype: torch.dtype,
                   inputs: list[LayerInput], targets: list[torch.Tensor], cfg: RecoverConfig, seed: int,
-                  head: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> tuple[RecoveryLog, list[LayerInput]]:
+                  head: KLHead | None = None) -> tuple[RecoveryLog, list[LayerInput]]:
     """Distill the group's tensors in ``dec`` (updated in place, same dtypes and shapes) so that the
     compressed ``layers`` on ``inputs`` (the compressed model's activations) reproduce ``targets``
     (the dense group's outputs); returns the log and the recovered group's outputs.
 
-    With ``head`` (batch index, the group's output -> the model's logits: through the layers after
-    the group, if any, and the head) the group matches the next-token distribution that ``targets``
-    give through it instead."""
+    With ``head`` (through the layers after the group, if any, and the head) the group matches the
+    next-token distribution that ``targets`` give through it instead."""
     mods = lowrank_modules(dec.linears, dec.bases, lambda n: dec.tensors[n].clone(), compute_dtype)
     params = trainable(dec.linears, mods)
 
@@ -290,10 +338,14 @@ def recover_group(model: nn.Module, layers: Sequence[nn.Module], dec: Decomposit
 
     loss = hidden_loss
     if head is not None:
-        teacher = [topk_logp(head(b, targets[b].to(inputs[b].hidden.device)), cfg.topk) for b in range(len(inputs))]
+        kl_head = head  # narrowed for the closures
+        size = [kl_head.positions_per_slice(x.hidden.shape[0]) for x in inputs]
+        with torch.no_grad():
+            teacher = [sliced_topk_logp(partial(kl_head.logits, b), kl_head.rest(b, t.to(inputs[b].hidden.device)),
+                                        cfg.topk, size[b]) for b, t in enumerate(targets)]
 
         def loss(b: int) -> torch.Tensor:
-            return topk_kl(head(b, run(b)), *teacher[b])
+            return sliced_kl(partial(kl_head.logits, b), kl_head.rest(b, run(b)), *teacher[b], size[b])
 
     with swapped(model, mods):
         log = distill(list(params.values()), loss, len(inputs), cfg, seed)

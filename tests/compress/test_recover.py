@@ -7,9 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from compress.recover import (RecoverConfig, RecoveryError, distill, lr_factor, relative_error, split_holdout,
-                              step_sizes)
+from compress.recover import (RecoverConfig, RecoveryError, distill, lr_factor, relative_error, sliced_kl,
+                              sliced_topk_logp, split_holdout, step_sizes)
+from compress.soco import topk_kl, topk_logp
 
 
 def _regression(n_batches=8, rows=32, n_in=6, n_out=5, seed=0):
@@ -231,6 +233,87 @@ def test_last_group_trained_on_the_next_token_distribution(tiny_llama, text_file
         t_logp, t_idx = soco.topk_logp(dense(input_ids=ids).logits, RecoverConfig.topk)
         got = soco.topk_kl(load_soco_model(tmp_path / "kl")(input_ids=ids).logits, t_logp, t_idx)
     assert float(got) == pytest.approx(log["val_after"], rel=1e-4)
+
+
+def _head_problem(b=2, n=10, d=8, vocab=50, k=6):
+    """A position-wise head (RMS norm, then a matrix) and a teacher from other hidden states."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+
+    def logits(positions, x):
+        return (x * x.pow(2).mean(-1, keepdim=True).rsqrt()) @ w.T
+
+    h = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    t_logp, t_idx = topk_logp(logits(slice(None), h + 0.3 * torch.randn(b, n, d, generator=g, dtype=torch.float64)), k)
+    return logits, h, t_logp, t_idx
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 10, 64])
+def test_sliced_kl_equals_the_one_piece_kl_and_its_gradient(size):
+    logits, h, t_logp, t_idx = _head_problem()
+    whole = h.clone().requires_grad_(True)
+    want = topk_kl(logits(slice(None), whole), t_logp, t_idx)
+    want.backward()
+    part = h.clone().requires_grad_(True)
+    got = sliced_kl(logits, part, t_logp, t_idx, size)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+    torch.testing.assert_close(part.grad, whole.grad, rtol=1e-10, atol=1e-14)
+    got_logp, got_idx = sliced_topk_logp(logits, h, 6, size)
+    want_logp, want_idx = topk_logp(logits(slice(None), h), 6)
+    assert torch.equal(got_idx, want_idx)
+    torch.testing.assert_close(got_logp, want_logp, rtol=0, atol=1e-12)
+
+
+def test_sliced_kl_keeps_one_slice_of_logits_at_a_time():
+    """What the forward pass keeps for the backward pass: no tensor wider than one slice's logits
+    (the sliced form recomputes them), where the one-piece form keeps every position's."""
+    logits, h, t_logp, t_idx = _head_problem(n=12, vocab=500)
+
+    def largest_kept(size):
+        kept = [0]
+
+        def pack(t):
+            kept[0] = max(kept[0], t.numel())
+            return t
+
+        h_ = h.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = sliced_kl(logits, h_, t_logp, t_idx, size)
+        loss.backward()
+        return kept[0]
+
+    b, n, vocab = 2, 12, 500
+    assert largest_kept(n) >= b * n * vocab
+    assert largest_kept(3) <= b * 3 * vocab
+
+
+def test_sliced_kl_in_the_pipeline_trains_as_the_one_piece_kl(tiny_llama_f64, text_file, tmp_path, monkeypatch):
+    """The last group's KL with its positions in slices (the head's logits recomputed one slice at
+    a time) gives the same factors as in one piece, up to round-off."""
+    from compress import recover
+    from soco_serve.layout import CheckpointReader
+
+    args = ["--method", "svd-llm", "--ratio", "0.4", "--recover-steps", "6", "--recover-lr", "5e-3"]
+    one = _run(tiny_llama_f64, tmp_path / "one", text_file, *args)
+    vocab = json.loads((tiny_llama_f64 / "config.json").read_text())["vocab_size"]
+    monkeypatch.setattr(recover, "KL_SLICE_BYTES", 4 * 4 * vocab * 5)  # 5 positions of a batch of 4 windows
+    slices = []
+
+    def counted(fn, x, **kw):
+        slices.append(x.shape[1])
+        return checkpoint(fn, x, **kw)
+
+    monkeypatch.setattr(recover, "checkpoint", counted)
+    sliced = _run(tiny_llama_f64, tmp_path / "sliced", text_file, *args)
+    assert slices and max(slices) == 5
+    last = str(one["groups"][-1][0])
+    assert one["recovery"]["per_group"][last]["loss"] == "kl"
+    assert sliced["recovery"]["per_group"][last]["val_after"] == pytest.approx(
+        one["recovery"]["per_group"][last]["val_after"], rel=1e-9)
+    a, b = CheckpointReader(tmp_path / "one"), CheckpointReader(tmp_path / "sliced")
+    for name in a.names():
+        torch.testing.assert_close(b.get(name), a.get(name), rtol=1e-9, atol=1e-12)
 
 
 def test_last_groups_trained_on_the_kl_through_the_dense_layers_after_them(tiny_llama, text_file, tmp_path):
