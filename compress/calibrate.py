@@ -239,6 +239,17 @@ class _Replay(nn.Module):
         return (self.hidden,) if self.tuple_output else self.hidden
 
 
+LOGITS_SLICE_BYTES = 1 << 29  # the most one vocabulary-wide float32 tensor may take where logits are sliced
+
+
+def positions_per_slice(batch: int, vocab: int) -> int:
+    """How many positions of a batch of ``batch`` windows the head may take at once so that one
+    ``[batch, positions, vocab]`` float32 tensor stays within :data:`LOGITS_SLICE_BYTES`. A
+    vocabulary-wide tensor per position is what grows fastest with the model's vocabulary (a 152K
+    vocabulary at 2 × 512 positions is 0.6 GB per tensor, and a loss keeps more than one)."""
+    return max(1, LOGITS_SLICE_BYTES // (4 * batch * vocab))
+
+
 def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits given its last decoder layer's output ``hidden`` for ``input_ids``.
 

@@ -21,19 +21,23 @@ class Perplexity:
 
 
 class NllSum:
-    """Summed next-token loss over batches, in float64 per token, so the result does not depend
-    on how the windows are batched."""
+    """Summed next-token loss, in float64 per token, so the result does not depend on how the
+    windows are batched or their positions sliced."""
 
     def __init__(self) -> None:
         self.total, self.count, self.finite = 0.0, 0, True
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        logits = logits[:, :-1].float()
-        target = ids[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        """Windows ``ids`` and their logits: each position predicts the next token."""
+        self.add_targets(logits[:, :-1], ids[:, 1:])
+
+    def add_targets(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Logits and the tokens they predict, aligned (a slice of positions of some windows)."""
+        logits, target = logits.float(), target.to(logits.device)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").double().sum()
         self.finite = self.finite and bool(torch.isfinite(nll))
         if self.finite:
-            self.total += float(nll.double())
+            self.total += float(nll)
         self.count += target.numel()
 
     def result(self, windows: int) -> Perplexity:

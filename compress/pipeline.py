@@ -419,15 +419,22 @@ def compress_group(cfg: CompressConfig, method: methods.Method, src: Source, onl
 
 
 def head_perplexities(onload: Onloader, src: Source, streams: dict[str, Stream]) -> dict[str, evaluate.Perplexity]:
-    """Perplexity of every evaluation stream from its last layer's output."""
+    """Perplexity of every evaluation stream from its last layer's output, the head's logits a
+    slice of positions at a time (:func:`calibrate.positions_per_slice`): with a large vocabulary
+    the logits of whole windows would be the compressor's largest buffer."""
     out = {}
+    vocab = src.model.get_output_embeddings().weight.shape[0]
     with onload.outer():
         for name, s in streams.items():
             if name.startswith("eval"):
                 acc = evaluate.NllSum()
                 for ids, b in zip(torch.split(s.ids, evaluate.BATCH_SIZE), s.on(onload.device)):
-                    with torch.no_grad():
-                        acc.add(calibrate.head_logits(src.model, src.spec, ids, b.hidden), ids)
+                    n, size = ids.shape[1] - 1, calibrate.positions_per_slice(ids.shape[0], vocab)
+                    for start in range(0, n, size):
+                        at = slice(start, min(start + size, n))
+                        with torch.no_grad():
+                            logits = calibrate.head_logits(src.model, src.spec, ids[:, at], b.hidden[:, at])
+                        acc.add_targets(logits, ids[:, at.start + 1: at.stop + 1])
                 out[name] = acc.result(s.ids.shape[0])
     return out
 

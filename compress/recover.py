@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_name
 
-from .calibrate import LayerInput, forward_layer
+from .calibrate import LayerInput, forward_layer, positions_per_slice
 from .factors import Decomposition
 from .soco import topk_kl, topk_logp
 
@@ -270,9 +270,6 @@ def trainable(linears: Mapping[str, LinearEntry], mods: Mapping[str, nn.Module])
     return out
 
 
-KL_SLICE_BYTES = 1 << 29  # the most one vocabulary-wide float32 tensor of the KL may take (sliced_kl)
-
-
 @dataclass
 class KLHead:
     """What a group trained on the KL runs after its output, in two parts because only the second
@@ -283,7 +280,7 @@ class KLHead:
     vocab: int
 
     def positions_per_slice(self, batch: int) -> int:
-        return max(1, KL_SLICE_BYTES // (4 * batch * self.vocab))
+        return positions_per_slice(batch, self.vocab)
 
 
 def sliced_kl(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Tensor, t_logp: torch.Tensor,

@@ -24,7 +24,8 @@ def test_gguf_is_exported_once_and_again_when_it_changes(tmp_path, monkeypatch):
     out = models.resolve_model(str(gguf))
     assert out == tmp_path / "cache" / "gguf" / "m" and len(exports) == 1
     assert models.resolve_model(str(gguf)) == out and len(exports) == 1
-    os.utime(gguf)  # now: newer than the export
+    later = (out / "config.json").stat().st_mtime + 60
+    os.utime(gguf, (later, later))  # newer than the export (not "now": it can share the export's timestamp)
     assert models.resolve_model(str(gguf)) == out and len(exports) == 2
 
 

@@ -46,6 +46,34 @@ def test_full_rank_reproduces_dense_logits(tiny_llama_f64, text_file, tmp_path, 
         torch.testing.assert_close(_logits(load_soco_model(out), ids), _logits(dense, ids), rtol=0, atol=1e-4)
 
 
+def test_evaluation_in_slices_of_positions_gives_the_same_perplexities(tiny_llama_f64, text_file, tmp_path,
+                                                                       monkeypatch):
+    """With a vocabulary too large for whole windows' logits the streamed evaluation runs the head
+    on slices of positions (the last one shorter here); the perplexities equal the one-piece ones."""
+    from compress import calibrate, evaluate
+
+    def report(out):
+        out = _compress(tiny_llama_f64, out, "--method", "svd-llm", "--ratio", "0.4", text=text_file, evaluate=True)
+        return json.loads((out / "report.json").read_text())
+
+    one = report(tmp_path / "one")
+    vocab = json.loads((tiny_llama_f64 / "config.json").read_text())["vocab_size"]
+    monkeypatch.setattr(calibrate, "LOGITS_SLICE_BYTES", 4 * evaluate.BATCH_SIZE * vocab * 5)
+    seen, real = [], calibrate.head_logits
+
+    def counted(model, spec, ids, hidden):
+        assert ids.shape[1] == hidden.shape[1]
+        seen.append(hidden.shape[1])
+        return real(model, spec, ids, hidden)
+
+    monkeypatch.setattr(calibrate, "head_logits", counted)
+    sliced = report(tmp_path / "sliced")
+    assert max(seen) == 5 and 63 % 5 in seen  # 63 predicting positions of a 64-token window
+    assert one["ppl_dense"] == pytest.approx(sliced["ppl_dense"], rel=1e-12)  # float64 sums per token
+    assert one["ppl_compressed"] == pytest.approx(sliced["ppl_compressed"], rel=1e-12)
+    assert one["ppl_compressed"] > one["ppl_dense"] > 1
+
+
 @pytest.mark.parametrize("method,extra", [("svd-llm", []), ("asvd", ["--asvd-alpha", "1"]), ("fwsvd", []),
                                           ("basis-sharing", ["--group-size", "2"]),
                                           ("basis-sharing", ["--group-size", "3", "--coefficient-update", "on"])])

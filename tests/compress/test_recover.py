@@ -291,13 +291,13 @@ def test_sliced_kl_keeps_one_slice_of_logits_at_a_time():
 def test_sliced_kl_in_the_pipeline_trains_as_the_one_piece_kl(tiny_llama_f64, text_file, tmp_path, monkeypatch):
     """The last group's KL with its positions in slices (the head's logits recomputed one slice at
     a time) gives the same factors as in one piece, up to round-off."""
-    from compress import recover
+    from compress import calibrate, recover
     from soco_serve.layout import CheckpointReader
 
     args = ["--method", "svd-llm", "--ratio", "0.4", "--recover-steps", "6", "--recover-lr", "5e-3"]
     one = _run(tiny_llama_f64, tmp_path / "one", text_file, *args)
     vocab = json.loads((tiny_llama_f64 / "config.json").read_text())["vocab_size"]
-    monkeypatch.setattr(recover, "KL_SLICE_BYTES", 4 * 4 * vocab * 5)  # 5 positions of a batch of 4 windows
+    monkeypatch.setattr(calibrate, "LOGITS_SLICE_BYTES", 4 * 4 * vocab * 5)  # 5 positions of a batch of 4 windows
     slices = []
 
     def counted(fn, x, **kw):
