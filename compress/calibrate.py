@@ -250,6 +250,11 @@ def positions_per_slice(batch: int, vocab: int) -> int:
     return max(1, LOGITS_SLICE_BYTES // (4 * batch * vocab))
 
 
+def position_slices(n: int, size: int) -> list[slice]:
+    """``n`` positions in consecutive slices of ``size`` (the last one shorter)."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def head_logits(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits given its last decoder layer's output ``hidden`` for ``input_ids``.
 

@@ -430,8 +430,7 @@ def head_perplexities(onload: Onloader, src: Source, streams: dict[str, Stream])
                 acc = evaluate.NllSum()
                 for ids, b in zip(torch.split(s.ids, evaluate.BATCH_SIZE), s.on(onload.device)):
                     n, size = ids.shape[1] - 1, calibrate.positions_per_slice(ids.shape[0], vocab)
-                    for start in range(0, n, size):
-                        at = slice(start, min(start + size, n))
+                    for at in calibrate.position_slices(n, size):
                         with torch.no_grad():
                             logits = calibrate.head_logits(src.model, src.spec, ids[:, at], b.hidden[:, at])
                         acc.add_targets(logits, ids[:, at.start + 1: at.stop + 1])

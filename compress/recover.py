@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from soco_serve.hf import lowrank_modules, swapped
 from soco_serve.layout import LinearEntry, basis_name, u_name, v_name, weight_name
 
-from .calibrate import LayerInput, forward_layer, positions_per_slice
+from .calibrate import LayerInput, forward_layer, position_slices, positions_per_slice
 from .factors import Decomposition
 from .soco import topk_kl, topk_logp
 
@@ -295,8 +295,7 @@ def sliced_kl(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Te
     if size >= n:
         return topk_kl(logits(slice(None), h), t_logp, t_idx)
     total = h.new_zeros((), dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
-    for start in range(0, n, size):
-        sl = slice(start, min(start + size, n))
+    for sl in position_slices(n, size):
 
         def part(x: torch.Tensor, sl: slice = sl) -> torch.Tensor:
             return topk_kl(logits(sl, x), t_logp[:, sl], t_idx[:, sl])
@@ -308,7 +307,7 @@ def sliced_kl(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Te
 def sliced_topk_logp(logits: Callable[[slice, torch.Tensor], torch.Tensor], h: torch.Tensor, k: int,
                      size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher side of :func:`sliced_kl`: :func:`compress.soco.topk_logp` ``size`` positions at a time."""
-    parts = [topk_logp(logits(sl, h[:, sl]), k) for sl in (slice(s, s + size) for s in range(0, h.shape[1], size))]
+    parts = [topk_logp(logits(sl, h[:, sl]), k) for sl in position_slices(h.shape[1], size)]
     return torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
 
 
