@@ -42,7 +42,7 @@ from .calibrate import LayerInput
 from .config import DEFAULT_SHARED_KINDS, CompressConfig
 from .factors import Decomposition
 from .source import Source
-from .workdir import WorkDir
+from .workdir import WorkDir, disk_full_is_resumable
 
 __all__ = ["CompressConfig", "DEFAULT_SHARED_KINDS", "run", "ratio_dir"]
 
@@ -307,6 +307,8 @@ def run(cfg: CompressConfig) -> dict[str, Any]:
         with timer.stage("write_groups"):
             state = {k: v for name, s in streams.items() for k, v in s.state(name).items()}
             work.save_group(g, decs, state)
+            # on disk now; freed here, not when the names are rebound after the next group has run
+            del decs, state
         memory.per_group.append(memory.sample(device))
         group_seconds.append(round(time.perf_counter() - t0, 2))
         bar.update(1)
@@ -447,7 +449,8 @@ def assemble(cfg: CompressConfig, src: Source, work: WorkDir, n_groups: int, k: 
              dtype: torch.dtype, sha: str, timer: Timer, extra: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint of ratio ``k`` from the finished groups, written atomically, with its report."""
     dec = Decomposition()
-    with timer.stage("write"), CheckpointWriter(out, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer:
+    with (timer.stage("write"), disk_full_is_resumable(out),
+          CheckpointWriter(out, force=cfg.force, max_shard_bytes=cfg.max_shard_bytes) as writer):
         for name in src.outer_tensor_names():
             if src.is_alias(name):
                 continue

@@ -22,6 +22,8 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +44,24 @@ def work_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.soco-work"
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+@contextmanager
+def disk_full_is_resumable(path: Path) -> Iterator[None]:
+    """An ENOSPC while writing ``path`` becomes a :class:`DiskFullError` that says what to do."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        yield
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(errno.ENOSPC, f"no space left on the device writing {path}; free some space and run "
                                               "the same command again: finished groups are kept") from exc
         raise
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with disk_full_is_resumable(path):
+            write(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -277,6 +277,61 @@ class Manifest:
 # ---------------------------------------------------------------------------------------------
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+_COPY_CHUNK = 64 * 1024**2
+
+
+class _ShardWriter:
+    """One safetensors file written a tensor at a time, so at most one tensor is in memory.
+
+    safetensors puts the header (every tensor's dtype, shape and byte offsets) before the data,
+    and the header is known only once the shard's last tensor has arrived; ``save_file`` therefore
+    wants the whole shard in memory (up to ``--max-shard-size``, more than one decoder layer of a
+    large model). Here each tensor's bytes go to a side file as they come; :meth:`close` writes the
+    header and appends the side file (a copy on disk, not in memory). The file is the same format
+    ``save_file`` writes (little-endian, header padded with spaces to 8 bytes, ``__metadata__``
+    first); its tensors are in the order added.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self.header: dict[str, Any] = {"__metadata__": metadata}
+        self.nbytes = 0
+        self._data = open(self.data_path, "wb")
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        """Append ``t`` (contiguous, on the CPU) to the shard's data."""
+        n = t.numel() * t.element_size()
+        self.header[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + n]}
+        if n:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.nbytes += n
+
+    def names(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def discard(self) -> None:
+        self._data.close()
+
+    def close(self) -> None:
+        """Write the shard file: header, then the data; the side file is removed."""
+        self._data.close()
+        header = json.dumps(self.header, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+        self.data_path.unlink()
+
+
 class CheckpointWriter:
     """Streams tensors into shards inside a temporary folder; :meth:`commit` renames it into place.
 
@@ -297,8 +352,7 @@ class CheckpointWriter:
         os.umask(umask)
         self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any folder
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._shard: _ShardWriter | None = None
         self._shards: list[list[str]] = []
         self._names: set[str] = set()
         self._finished = False
@@ -315,26 +369,26 @@ class CheckpointWriter:
             raise ValueError(f"tensor {name!r} has NaN or Inf values; refusing to write it")
         self._names.add(name)
         t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store here")
         nbytes = t.numel() * t.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = t
-        self._pending_bytes += nbytes
+        if self._shard is not None and self._shard.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._shard is None:
+            self._shard = _ShardWriter(self.tmp / f"shard-{len(self._shards)}.tmp", {"format": "pt"})
+        self._shard.add(name, t)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+    def _close_shard(self) -> None:
+        if self._shard is None:
             return
-        idx = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{idx}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._shard.close()
+        self._shards.append(self._shard.names())
+        self._shard = None
 
     def finish(self, manifest: Manifest) -> Path:
         """Check the tensors against the manifest and write index and manifest (still in the
         temporary folder, which is now a complete checkpoint that readers can open)."""
-        self._flush()
+        self._close_shard()
         manifest.validate()
         missing = sorted(set(manifest.expected_shapes()) - self._names)
         if missing:
@@ -367,6 +421,9 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        if self._shard is not None:
+            self._shard.discard()
+            self._shard = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "CheckpointWriter":
@@ -423,13 +480,6 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             f"file has {size}"
         )
     return header
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass

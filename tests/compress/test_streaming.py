@@ -1,6 +1,7 @@
 """The streaming compressor on tiny random Llamas: equal to a whole-model reference, resumable
 after a kill at any stage (byte for byte), statistics bounded by one group, bad input refused."""
 
+import errno
 import json
 import os
 import re
@@ -116,6 +117,25 @@ def test_only_the_registry_names_a_method():
 
 class Killed(BaseException):
     """Stands in for SIGKILL inside the process: nothing after it runs, no cleanup is special."""
+
+
+@pytest.mark.parametrize("method,args", [("svd-llm", []), ("basis-sharing", ["--group-size", "2"])])
+def test_a_groups_factors_are_freed_before_the_next_group(tiny_llama, text_file, tmp_path, monkeypatch, method, args):
+    """Memory is one group's, not two: the factors of a group written to the work folder are
+    gone when the next group starts (they used to live until the next group had been compressed)."""
+    import weakref
+
+    real, refs, alive = pipeline.compress_group, [], []
+
+    def spy(*a, **k):
+        alive.append(sum(r() is not None for r in refs))
+        decs = real(*a, **k)
+        refs.extend(weakref.ref(t) for d in decs for t in d.tensors.values())
+        return decs
+
+    monkeypatch.setattr(pipeline, "compress_group", spy)
+    _compress(tiny_llama, tmp_path / "o", "--method", method, "--ratio", "0.4", *args, text=text_file)
+    assert len(alive) >= 2 and refs and alive == [0] * len(alive)
 
 
 def _files(ck):
@@ -247,24 +267,29 @@ def test_a_resume_with_other_settings_or_another_model_is_refused(tiny_llama, te
     assert CheckpointReader(out).manifest.target_ratio == 0.5
 
 
-def test_disk_full_is_a_clear_error_and_the_run_resumes(tiny_llama, text_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["work folder", "checkpoint"])
+def test_disk_full_is_a_clear_error_and_the_run_resumes(tiny_llama, text_file, tmp_path, monkeypatch, capsys, where):
     args = ["--method", "svd-llm", "--ratio", "0.4"]
     whole = _compress(tiny_llama, tmp_path / "whole", *args, text=text_file)
     out = tmp_path / "full"
-    with monkeypatch.context() as m:  # the 5th file written fills the disk
-        m.setattr(workdir, "_atomic", _enospc_after(workdir._atomic, 5))
+    with monkeypatch.context() as m:
+        if where == "work folder":  # the 5th file written fills the disk
+            m.setattr(workdir, "_atomic", _enospc_after(workdir._atomic, 5))
+        else:  # the checkpoint's first shard does
+            def full(self):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            m.setattr(layout._ShardWriter, "close", full)
         assert main([str(tiny_llama), "-o", str(out), *COMMON, "--calib-text", str(text_file), "--eval-text",
                      str(text_file), "--eval-windows", "2", *args]) == 2
     err = capsys.readouterr().err
     assert "no space left on the device writing" in err and "finished groups are kept" in err
     assert not out.exists() and not list(workdir.work_dir_for(out).glob("*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".full.tmp-")]
     resumed = _compress(tiny_llama, out, *args, text=text_file)
     assert _files(resumed) == _files(whole)
 
 
 def _enospc_after(real, n):
-    import errno
-
     calls = {"n": 0}
 
     def atomic(path, write):

@@ -55,6 +55,49 @@ def test_roundtrip_lazy_and_counts(tmp_path):
     assert not list(tmp_path.glob(".ck.tmp-*"))
 
 
+def test_shards_are_safetensors_files_for_every_dtype(tmp_path):
+    """The writer's own shard files (written a tensor at a time) read back through safetensors'
+    reader exactly, in every dtype and shape a checkpoint can hold."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    tensors = {f"t.{dt}".replace("torch.", ""): (torch.randn(5, 3) * 100).to(dt)
+               for dt in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                          torch.int16, torch.int8, torch.uint8)}
+    tensors |= {"t.bool": torch.rand(7) > 0.5, "t.scalar": torch.tensor(2.5), "t.empty": torch.zeros(0, 4),
+                "t.strided": torch.randn(4, 6).t()}  # not contiguous
+    w = L.CheckpointWriter(tmp_path / "ck", max_shard_bytes=100)
+    for n, t in tensors.items():
+        w.add(n, t)
+    w._close_shard()
+    shards = sorted(tmp_path.glob(".ck.tmp-*/shard-*.tmp"))
+    assert len(shards) > 1 and not list(tmp_path.glob(".ck.tmp-*/*.data"))
+    seen = {}
+    for path in shards:
+        assert set(L.safetensors_header(path)) - {"__metadata__"}
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            seen |= {k: f.get_tensor(k) for k in f.keys()}
+    assert seen.keys() == tensors.keys()
+    for n, t in tensors.items():
+        assert seen[n].dtype == t.dtype and torch.equal(seen[n], t), n
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_is_written_when_added(tmp_path):
+    """Memory: the writer keeps no tensor once added (it used to buffer a whole shard, up to
+    ``--max-shard-size``): changing a tensor in place after adding it changes nothing written."""
+    with L.CheckpointWriter(tmp_path / "ck") as w:
+        for n, t in _tensors().items():
+            w.add(n, t)
+            t.zero_()
+        w.commit(_manifest())
+    r = L.CheckpointReader(tmp_path / "ck")
+    for n, t in _tensors().items():
+        torch.testing.assert_close(r.get(n), t)
+
+
 def test_existing_folder_refused_unless_force(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "mine.txt").write_text("user data")
