@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="cpu")
     a = p.parse_args(argv)
     from benchmarks.measure import device_name
+    from compress import methods
     import torch
 
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             for layers in [int(x) for x in a.layers.split(",")]:
                 model = model_dir(a.cache, shape, layers, a.dtype)
                 for method in a.methods.split(","):
+                    group = methods.get(method).default_group_size
+                    if layers < group:
+                        print(f"{shape}/{method}/{layers}: skipped, {method}'s groups have {group} layers", flush=True)
+                        continue
                     for code_name, code in codes.items():
                         key = f"{code_name}/{shape}/{method}/{layers}"
                         if key in cells and "error" not in cells[key]:

@@ -46,3 +46,15 @@ def test_extrapolation_counts_groups_not_layers(tmp_path, monkeypatch):
     # a whole-model stage (soco's training) walks every group: it grows with depth too
     soco = {"layers": 2, "seconds_per_group": [10.0, 10.0], "wall_seconds": 125.0, "seconds": {"whole_model": 100.0}}
     assert scale.extrapolate(soco, 8) == 8 * 60.0 + 5.0  # 8 groups of one layer
+
+
+def test_a_depth_below_the_methods_group_is_skipped(tmp_path, monkeypatch, capsys):
+    """basis-sharing groups two layers: a one-layer model is not a cell (the compressor refuses it)."""
+    scale = load_benchmark("scale", tmp_path / "results", monkeypatch)
+    monkeypatch.setitem(scale.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                                   num_key_value_heads=2))
+    monkeypatch.setitem(scale.DEPTH, "tiny", 8)
+    assert scale.main(["--shapes", "tiny", "--layers", "1", "--methods", "basis-sharing", "--calib-windows", "2",
+                       "--seq-len", "32", "--cache", str(tmp_path / "cache"), "--name", "t"]) == 0
+    assert "tiny/basis-sharing/1: skipped, basis-sharing's groups have 2 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results" / "scale_t.json").read_text())["cells"] == {}
