@@ -280,19 +280,27 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    # one colour per method, one line style per variant (+recover, -seed1, ...): a dozen rows stay
+    # readable, and a method's rows read as one family
+    bases = list(dict.fromkeys(m.split("+")[0] for m in methods))
+    variants = list(dict.fromkeys(m[len(m.split("+")[0]):] for m in methods))
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+    markers = "osD^vx"
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     for m in methods:
         pts = [(c["achieved_ratio"], c["ppl"]) for c in results["cells"].values() if c["method"] == m]
         if pts:
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=m)
+            base, v = m.split("+")[0], variants.index(m[len(m.split("+")[0]):])
+            ax.plot(xs, ys, color=f"C{bases.index(base) % 10}", ls=styles[v % len(styles)],
+                    marker=markers[v % len(markers)], ms=4, label=m)
     ax.axhline(results["ppl_dense"], color="gray", ls="--", label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio (decoder linear parameters removed)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(results["model"].rsplit("/", 1)[-1])
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -306,7 +314,13 @@ def plot_rank_comparison(results: dict, methods: list[str], ratio: float, path: 
     (cells cached before ranks were recorded).
     """
     cells = {m: results["cells"].get(cell_key(m, ratio), {}).get("ranks") for m in methods}
-    cells = {m: r for m, r in cells.items() if r}
+    # rows with the same ranks (a method and its recovered variants: recovery keeps every rank) are
+    # one line, labelled with all their names
+    same: dict[str, tuple[list[str], dict]] = {}
+    for m, r in cells.items():
+        if r:
+            same.setdefault(json.dumps(r, sort_keys=True), ([], r))[0].append(m)
+    cells = {" = ".join(names): r for names, r in same.values()}
     if not cells:
         return
     import matplotlib
@@ -331,11 +345,13 @@ def plot_rank_comparison(results: dict, methods: list[str], ratio: float, path: 
         ax.set_xlabel("layer")
     for ax in axes[:, 0]:
         ax.set_ylabel("kept rank")
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    # below the panels, growing downwards; savefig's tight box takes it in
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)), fontsize=7)
     fig.suptitle(f"{results['model'].rsplit('/', 1)[-1]}: kept rank per layer at ratio {ratio:g} "
                  "(dense-kept matrices omitted)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
