@@ -282,8 +282,9 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
 
     # one colour per method, one line style per variant (+recover, -seed1, ...): a dozen rows stay
     # readable, and a method's rows read as one family
-    bases = list(dict.fromkeys(m.split("+")[0] for m in methods))
-    variants = list(dict.fromkeys(m[len(m.split("+")[0]):] for m in methods))
+    split = {m: (m.split("+")[0], m[len(m.split("+")[0]):]) for m in methods}  # method, variant
+    bases = list(dict.fromkeys(b for b, _ in split.values()))
+    variants = list(dict.fromkeys(v for _, v in split.values()))
     styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
     markers = "osD^vx"
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
@@ -291,8 +292,8 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
         pts = [(c["achieved_ratio"], c["ppl"]) for c in results["cells"].values() if c["method"] == m]
         if pts:
             xs, ys = zip(*sorted(pts))
-            base, v = m.split("+")[0], variants.index(m[len(m.split("+")[0]):])
-            ax.plot(xs, ys, color=f"C{bases.index(base) % 10}", ls=styles[v % len(styles)],
+            base, v = bases.index(split[m][0]), variants.index(split[m][1])
+            ax.plot(xs, ys, color=f"C{base % 10}", ls=styles[v % len(styles)],
                     marker=markers[v % len(markers)], ms=4, label=m)
     ax.axhline(results["ppl_dense"], color="gray", ls="--", label="dense")
     ax.set_yscale("log")
@@ -345,9 +346,13 @@ def plot_rank_comparison(results: dict, methods: list[str], ratio: float, path: 
         ax.set_xlabel("layer")
     for ax in axes[:, 0]:
         ax.set_ylabel("kept rank")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    lines = {}  # every row once, also one drawn in some panels only
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            lines.setdefault(label, h)
     # below the panels, growing downwards; savefig's tight box takes it in
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)), fontsize=7)
+    fig.legend(list(lines.values()), list(lines), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=max(1, min(3, len(lines))), fontsize=7)
     fig.suptitle(f"{results['model'].rsplit('/', 1)[-1]}: kept rank per layer at ratio {ratio:g} "
                  "(dense-kept matrices omitted)", fontsize=10)
     fig.tight_layout()
