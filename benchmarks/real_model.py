@@ -12,6 +12,10 @@ the ``openai`` client as of the dense model (served the same way). Finished cell
 soco trains once for several ratios: the cell ``soco@0.2+0.3`` is one compression (``--ratio
 0.2,0.3``) that fills the cells ``soco@0.2`` and ``soco@0.3``, each with the run's wall time and
 peak memory. ``--soco-steps`` scales its training to the machine; the cell records the value.
+
+``--eval-text pydoc`` (or a file) adds a second perplexity, on text of another domain, for the dense
+model and every cell whose checkpoint is still under ``--out`` (``soco-compress eval`` in a fresh
+process, the same windows), so that a recovery's in-domain gain is not mistaken for a general one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,6 +62,17 @@ def ask(model_dir: Path, load_format: str | None, max_tokens: int = 48) -> dict:
     return out
 
 
+def perplexity(model_dir: Path, text: str, windows: int, seq_len: int) -> dict:
+    """``soco-compress eval`` of a dense folder or a checkpoint in a fresh process (so the
+    benchmark's own memory stays small): perplexity and tokens."""
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", "eval", str(model_dir), "--eval-text", text,
+                           "--eval-windows", str(windows), "--seq-len", str(seq_len), "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"soco-compress eval {model_dir} --eval-text {text} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", type=Path, help="a dense Hugging Face folder (safetensors)")
@@ -73,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress-args", default="",
                    help="more soco-compress options for the cells computed in this run, e.g. "
                         "'--recover-kl-stride 4'; recorded in each cell")
+    p.add_argument("--eval-text", default=None, metavar="SRC",
+                   help="a second evaluation text of another domain ('pydoc' or a .txt/.jsonl file), for the "
+                        "dense model and every cell whose checkpoint is under --out")
     a = p.parse_args(argv)
     import torch
 
@@ -90,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not a.no_serve and "dense" not in res:
         res["dense"] = ask(a.model, None)
+        save()
+    if a.eval_text and res.get("eval_text") != a.eval_text:
+        if res.get("eval_text"):
+            print(f"--eval-text {a.eval_text} replaces {res['eval_text']}: every cell's second perplexity is "
+                  "dropped", flush=True)
+            for c in cells.values():
+                c.pop("ppl_eval_text", None)
+        d = perplexity(a.model, a.eval_text, a.eval_windows, a.seq_len)
+        res.update(eval_text=a.eval_text, eval_text_tokens=d["eval_tokens"], ppl_dense_eval_text=d["ppl"])
         save()
     for spec in [c for c in a.cells.split(",") if c]:
         method, ratios = spec.split("@")
@@ -133,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             c = cells[k]
             print(f"{k}: ppl {c['report']['ppl_dense']:.2f} -> {c['report']['ppl_compressed']:.2f}, peak RSS "
                   f"{c['peak_rss_bytes'] / 2**30:.2f} GiB, {c['wall_seconds']} s", flush=True)
+            if a.eval_text and "ppl_eval_text" not in c:
+                if (ckpts[k] / "report.json").exists():
+                    c["ppl_eval_text"] = perplexity(ckpts[k], a.eval_text, a.eval_windows, a.seq_len)["ppl"]
+                    save()
+                    print(f"{k}: ppl on {a.eval_text} {res['ppl_dense_eval_text']:.2f} -> "
+                          f"{c['ppl_eval_text']:.2f}", flush=True)
+                else:
+                    print(f"{k}: no checkpoint at {ckpts[k]} for the --eval-text perplexity", flush=True)
             if not a.no_serve and "served" not in c:
                 c["served"] = ask(ckpts[k], "soco")
                 save()

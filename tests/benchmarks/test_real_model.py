@@ -36,3 +36,23 @@ def test_compressor_options_reach_the_run_and_the_cell(tiny_llama, tmp_path, mon
     rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["svd-llm+recover@0.3"]["report"]
     assert rep["compress_args"] == opts
     assert rep["recover_settings"]["steps"] == 2 and rep["recover_settings"]["kl_stride"] == 4
+
+
+def test_a_second_text_is_evaluated_like_the_compressors_own_evaluation(tiny_llama, text_file, tmp_path, monkeypatch,
+                                                                         capsys):
+    real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
+    base = [str(tiny_llama), "--name", "t", "--calib-windows", "2", "--eval-windows", "2", "--seq-len", "64",
+            "--no-serve", "--out", str(tmp_path)]
+    # one cell evaluated by the compressor itself on that text; another whose checkpoint is then removed
+    assert real.main([*base, "--cells", "svd-llm@0.3", "--compress-args", f"--eval-text {text_file}"]) == 0
+    assert real.main([*base, "--cells", "svd@0.3"]) == 0
+    (tmp_path / "t" / "svd-0.3" / "report.json").unlink()
+    capsys.readouterr()
+    assert real.main([*base, "--cells", "svd-llm@0.3,svd@0.3", "--eval-text", str(text_file)]) == 0
+    res = json.loads((tmp_path / "results" / "real_t.json").read_text())
+    own = res["cells"]["svd-llm@0.3"]["report"]
+    assert res["eval_text"] == str(text_file) and res["eval_text_tokens"] == own["eval_tokens"]
+    assert abs(res["ppl_dense_eval_text"] - own["ppl_dense"]) < 1e-6 * own["ppl_dense"]
+    assert abs(res["cells"]["svd-llm@0.3"]["ppl_eval_text"] - own["ppl_compressed"]) < 1e-6 * own["ppl_compressed"]
+    assert "ppl_eval_text" not in res["cells"]["svd@0.3"]
+    assert "svd@0.3: no checkpoint at" in capsys.readouterr().out
