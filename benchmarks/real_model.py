@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 from benchmarks.scale import compress_subprocess  # noqa: E402
+from compress.recover import DEFAULT_STEPS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUESTIONS = {
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if not all("report" in cells.get(k, {}) for k in keys):
             extra = ["--soco-steps", str(a.soco_steps)] if method == "soco" and a.soco_steps is not None else []
             extra += shlex.split(a.compress_args)
+            if recover and "--recover-steps" not in extra:
+                # explicit: the compressor's default is no recovery for some runs (soco, several ratios)
+                extra += ["--recover-steps", str(DEFAULT_STEPS)]
             r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method,
                                            "--ratio", ",".join(ratios), "--calib-windows", str(a.calib_windows),
                                            "--eval-windows", str(a.eval_windows), "--seq-len", str(a.seq_len),

@@ -56,3 +56,15 @@ def test_a_second_text_is_evaluated_like_the_compressors_own_evaluation(tiny_lla
     assert abs(res["cells"]["svd-llm@0.3"]["ppl_eval_text"] - own["ppl_compressed"]) < 1e-6 * own["ppl_compressed"]
     assert "ppl_eval_text" not in res["cells"]["svd@0.3"]
     assert "svd@0.3: no checkpoint at" in capsys.readouterr().out
+
+
+def test_a_recover_cell_recovers_where_the_compressors_default_would_not(tiny_llama, tmp_path, monkeypatch):
+    """soco's own default is no recovery: the cell ``soco+recover`` asks for it explicitly."""
+    real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
+    assert real.main([str(tiny_llama), "--name", "t", "--cells", "soco+recover@0.3", "--soco-steps", "1",
+                      "--calib-windows", "8", "--eval-windows", "1", "--seq-len", "64", "--no-serve",
+                      "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["soco+recover@0.3"]["report"]
+    from compress.recover import DEFAULT_STEPS
+
+    assert rep["recover_settings"]["steps"] == DEFAULT_STEPS and rep["recovery"]
