@@ -3,6 +3,7 @@ tests/soco_serve's): one soco run fills a cell per ratio, and finished cells are
 
 import json
 
+from compress.recover import DEFAULT_STEPS
 from tests.helpers import load_benchmark
 
 
@@ -65,6 +66,4 @@ def test_a_recover_cell_recovers_where_the_compressors_default_would_not(tiny_ll
                       "--calib-windows", "8", "--eval-windows", "1", "--seq-len", "64", "--no-serve",
                       "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["soco+recover@0.3"]["report"]
-    from compress.recover import DEFAULT_STEPS
-
     assert rep["recover_settings"]["steps"] == DEFAULT_STEPS and rep["recovery"]
