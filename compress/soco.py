@@ -54,6 +54,14 @@ distillation loss, ratio and time):
    re-enters) and the sparsity term drives their scores to exactly zero. The model trained in this
    stage is the checkpoint, so every score ends at zero or inside the budget.
 
+**No step prunes past the budget** (:func:`hold_floor`). Adam moves every score under the
+compression term by about its step size, so scores that started level reach zero together and
+one step of a short, fast schedule can prune far below the budget; the run then ends with
+zero-score components kept to fill it (``kept_zero``), i.e. more compressed than asked. After
+each step, if the exact count is below the stage's floor (stages 1-2: their budget less 0.5 pp;
+stage 3: what its threshold keeps), the components this step zeroed get their scores back, best
+first, until it is not, and their first moments are cleared. The log counts them (``given_back``).
+
 **Prior.** The spectrum's own ordering is kept as a prior: each component has
 ``p_i = (σ_i / rms σ of its block)^α`` (``--soco-prior``, α = 1; 0 turns it off). Components are
 ranked by ``score·p`` and the compression gradient on a score is divided by ``p``, so untrained
@@ -711,6 +719,52 @@ def threshold_mask(blocks: list[Block], ratio: float, force_factorize: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
+def hold_floor(blocks: list[Block], before: list[torch.Tensor], floor: float,
+               force_factorize: bool = False) -> list[torch.Tensor]:
+    """Undo one step's pruning where it went below the budget: if the exact stored count is under
+    ``floor`` parameters, the components this step took to zero (in use in ``before``, unused now)
+    get their ``before`` scores back, highest ``before`` key first (ties by σ), until the count
+    is at ``floor`` again; the fewest such components. Scores are updated in place; returns a
+    bool ``[R]`` per block of the components given back.
+
+    Why: under the compression term Adam moves every score by about its step size whatever its
+    importance, so scores that started level reach zero on the same step, and one step can prune
+    far past the budget (kept zero-score components at the end, a model more compressed than the
+    ratio asked for). This projection bounds that overshoot to one component."""
+    back = [torch.zeros(b.rank, dtype=torch.bool, device=b.scores.device) for b in blocks]
+    with torch.no_grad():
+        counts = nonzero_counts(blocks)
+        stored = stored_params(blocks, counts, force_factorize)
+        if stored >= floor:
+            return back
+        keys, sigmas, owner, index = [], [], [], []
+        for i, (b, s0) in enumerate(zip(blocks, before)):
+            was = s0.max(0).values if b.n > 1 else s0[0]
+            new = torch.nonzero((was > 0) & (b.score() == 0)).flatten()
+            if new.numel():
+                key = was if b.prior is None else was * b.prior
+                keys.append(key[new].double().cpu())
+                sigmas.append(b.sigma[new].double().cpu())
+                owner.append(torch.full((new.numel(),), i, dtype=torch.long))
+                index.append(new.cpu())
+        if not keys:
+            return back
+        key, sig, own, idx = torch.cat(keys), torch.cat(sigmas), torch.cat(owner), torch.cat(index)
+        order = torch.sort(sig, descending=True, stable=True).indices
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+        for j in order.tolist():
+            i, b = int(own[j]), blocks[int(own[j])]
+            stored += b.stored(counts[i] + 1, force_factorize) - b.stored(counts[i], force_factorize)
+            counts[i] += 1
+            back[i][int(idx[j])] = True
+            if stored >= floor:
+                break
+        for b, s0, m in zip(blocks, before, back):
+            if m.any():
+                b.scores[:, m] = s0[:, m].to(b.scores.dtype)
+    return back
+
+
 def _scores(blocks: list[Block]) -> list[torch.Tensor]:
     return [b.scores.detach().clone() for b in blocks]
 
@@ -754,7 +808,7 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
     good = _scores(blocks)
     history: list[dict[str, Any]] = []
     stages: dict[str, dict[str, Any]] = {}
-    stopped, cursor, done = None, 0, 0
+    stopped, cursor, done, given_back = None, 0, 0, 0
 
     def exact_fraction() -> float:
         return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
@@ -824,6 +878,18 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
                 with torch.no_grad():
                     for s in scores:
                         s.clamp_(min=0.0)
+                # never prune past the budget in one step: stages 1-2 stay above theirs (the exact count
+                # is capped at dense while the ramp starts above it), stage 3 keeps what its threshold keeps
+                floor = pr.stored if stage == 3 else (min(b_target, 1.0) - WITHIN) * p_dense
+                if stage == 3 or log_kappa is not None:
+                    back = hold_floor(blocks, good, floor, force_factorize)
+                    n_back = sum(int(m.sum()) for m in back)
+                    if n_back:
+                        given_back += n_back
+                        stages[str(stage)]["given_back"] = stages[str(stage)].get("given_back", 0) + n_back
+                        for s, m in zip(scores, back):  # their momentum would take them straight back to zero
+                            if m.any() and s in opt.state:
+                                opt.state[s]["exp_avg"][:, m] = 0.0
                 if not all(bool(torch.isfinite(s).all()) for s in scores):
                     stopped = f"non-finite scores after step {step} (stage {stage}); kept the last good scores"
                     break
@@ -838,7 +904,8 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
                     history.append(dict(step=step, stage=stage, kl=round(kl_val, 5), ratio_nonzero=round(ratio_now, 5),
                                         kappa=round(math.exp(log_kappa), 4) if log_kappa is not None else 0.0,
                                         zero=round(float((allv == 0).double().mean()), 4),
-                                        amplified=round(float((allv > 1).double().mean()), 4)))
+                                        amplified=round(float((allv > 1).double().mean()), 4), given_back=given_back))
+                    given_back = 0
                 bar.set_postfix(stage=stage, kl=f"{kl_ema:.4f}", ratio=f"{ratio_now:.3f}", refresh=False)
                 bar.update(1)
     finally:

@@ -113,6 +113,42 @@ def test_budget_counts_exactly_what_the_writer_stores(prep64, group_size, force)
 
 
 @pytest.mark.parametrize("group_size", [1, 2])
+def test_a_step_that_prunes_past_the_floor_gives_back_its_best_components(prep64, group_size):
+    blocks = _blocks(prep64, group_size)
+    _randomize(blocks, seed=5, zero=0.2)
+    before = [b.scores.detach().clone() for b in blocks]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # one "step" zeroes a third of what was in use
+        for b in blocks[1:]:
+            b.scores[:, torch.rand(b.scores.shape[1], generator=g) < 0.33] = 0.0
+    after = [b.scores.detach().clone() for b in blocks]
+    lo = soco.stored_params(blocks, soco.nonzero_counts(blocks))
+    hi = soco.stored_params(blocks, [int((s.max(0).values > 0).sum()) for s in before])
+    assert lo < hi
+    # above the floor: nothing changes
+    assert not any(m.any() for m in soco.hold_floor(blocks, before, lo))
+    floor = (lo + hi) / 2
+    back = soco.hold_floor(blocks, before, floor)
+    stored = soco.stored_params(blocks, soco.nonzero_counts(blocks))
+    assert stored >= floor
+    newly = [(s0.max(0).values > 0) & (s1.max(0).values == 0) for s0, s1 in zip(before, after)]
+    for b, s0, s1, m, n in zip(blocks, before, after, back, newly):
+        assert not (m & ~n).any()  # only what this step zeroed comes back ...
+        assert torch.equal(b.scores.detach()[:, m], s0[:, m])  # ... with its score from before the step
+        assert torch.equal(b.scores.detach()[:, ~m], s1[:, ~m])
+    # the best of them by key before the step, and no more than needed
+    key = lambda b, s0: (s0.max(0).values if b.n > 1 else s0[0]) * b.prior
+    given = torch.cat([key(b, s0)[m] for b, s0, m in zip(blocks, before, back)])
+    left = torch.cat([key(b, s0)[n & ~m] for b, s0, m, n in zip(blocks, before, back, newly)])
+    assert given.numel() and left.numel() and float(given.min()) >= float(left.max())
+    i, j = min(((i, int(j)) for i, m in enumerate(back) for j in torch.nonzero(m).flatten()),
+               key=lambda ij: float(key(blocks[ij[0]], before[ij[0]])[ij[1]]))
+    with torch.no_grad():
+        blocks[i].scores[:, j] = 0.0
+    assert soco.stored_params(blocks, soco.nonzero_counts(blocks)) < floor
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
 def test_folding_the_scores_changes_no_output(prep64, group_size):
     blocks = _blocks(prep64, group_size)
     _randomize(blocks, seed=3, zero=0.5)
@@ -264,6 +300,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_scores(prep64):
     assert isinstance(prep64.model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # model restored
     pr = soco.threshold_mask(blocks, 0.4)  # the kept scores still give a valid checkpoint
     assert 0.4 <= pr.ratio <= 0.405
+
+
+def test_a_fast_schedule_never_prunes_past_the_budget(prep64, monkeypatch):
+    """At this learning rate the scores reach zero together: without the floor the run ends with
+    zero-score components kept, a model more compressed than the ratio asked for."""
+    windows = soco.training_windows(prep64.calib, 16)
+    cfg = soco.SocoConfig(steps=40, seq_len=16, lr=0.5)
+
+    def run():
+        blocks = _blocks(prep64)
+        stack = soco.Stack.resident(prep64.model, prep64.spec, blocks)
+        teacher = soco.teacher_topk(stack, windows, 32, progress=False)
+        return soco.train(stack, windows, teacher, 0.5, cfg, progress=False), soco.threshold_mask(blocks, 0.5)
+
+    log, pr = run()
+    assert all(log["stages"][k].get("given_back", 0) > 0 for k in "123")
+    assert all(h["ratio_nonzero"] <= 0.5 - cfg.margin + soco.WITHIN + 1e-9 for h in log["history"] if h["stage"] < 3)
+    assert pr.kept_zero == 0 and 0.5 <= pr.ratio <= 0.5 + soco.WITHIN
+    monkeypatch.setattr(soco, "hold_floor", lambda blocks, *a, **k: [torch.zeros(b.rank, dtype=torch.bool) for b in blocks])
+    log, pr = run()
+    assert pr.kept_zero > 0
 
 
 @pytest.mark.parametrize("group_size,masked", [(1, False), (2, True)])
