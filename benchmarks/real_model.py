@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "linear_params", "model_params")}
                 if method == "soco" and a.soco_steps is not None:
                     c["report"]["soco_steps"] = a.soco_steps
+                if "soco" in rk:  # where the budget went: the threshold and each stage's end (the history stays in the checkpoint)
+                    c["report"]["soco"] = {k2: rk["soco"][k2] for k2 in ("prune", "stages", "final") if k2 in rk["soco"]}
                 if a.compress_args:
                     c["report"]["compress_args"] = a.compress_args
                 if len(ratios) > 1:

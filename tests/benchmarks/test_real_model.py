@@ -3,6 +3,8 @@ tests/soco_serve's): one soco run fills a cell per ratio, and finished cells are
 
 import json
 
+import pytest
+
 from compress.recover import DEFAULT_STEPS
 from tests.helpers import load_benchmark
 
@@ -20,6 +22,9 @@ def test_one_soco_run_fills_every_ratios_cell_and_cells_are_cached(tiny_llama, t
     soco = [cells["soco@0.2"], cells["soco@0.3"]]
     assert all(c["report"]["trained_with"] == "soco@0.2+0.3" and c["report"]["soco_steps"] == 1 for c in soco)
     assert soco[0]["wall_seconds"] == soco[1]["wall_seconds"]  # one run
+    for c, ratio in zip(soco, (0.2, 0.3)):  # where the budget went, per ratio
+        assert ratio <= c["report"]["soco"]["prune"]["ratio"] == pytest.approx(c["report"]["achieved_ratio"], abs=1e-5)
+        assert c["report"]["soco"]["stages"] and "soco" not in cells["svd-llm@0.3"]["report"]
     assert soco[0]["report"]["ppl_compressed"] != soco[1]["report"]["ppl_compressed"]
     assert "soco_steps" not in cells["svd-llm@0.3"]["report"]
     assert (tmp_path / "t" / "soco-0.2+0.3" / "ratio-0.2" / "report.json").exists()
