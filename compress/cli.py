@@ -114,6 +114,10 @@ def compress_parser() -> argparse.ArgumentParser:
     s.add_argument("--soco-margin", type=float, default=d.margin,
                    help="stages 1-2 keep this fraction of the dense linear parameters above the budget; "
                         "stage 3 trims it")
+    s.add_argument("--soco-budget", choices=("penalty", "projection"), default=d.budget,
+                   help="how stages 1-2 reach the budget: a penalty on the soft count of components in use (the "
+                        "paper's), or each step pruning the lowest-ranked components to a budget that ramps down "
+                        "(kept scores trained by the distillation alone)")
     s.add_argument("--soco-sparsity", type=float, default=d.sparsity, help="weight of the stage-3 sparsity term")
     s.add_argument("--soco-init", choices=("full", "breakeven"), default=d.init,
                    help="components trained: all, or each matrix's break-even rank (cheaper steps)")
@@ -242,7 +246,7 @@ def cmd_compress(argv: list[str]) -> int:
     group_size = a.group_size if a.group_size is not None else methods.get(a.method).default_group_size
     sc = soco.SocoConfig(steps=a.soco_steps, lr=a.soco_lr, fine_lr=a.soco_fine_lr, seq_len=a.soco_seq_len,
                          batch_size=a.soco_batch_size, topk=a.soco_topk, stage1=a.soco_stage1, stage3=a.soco_stage3,
-                         margin=a.soco_margin, sparsity=a.soco_sparsity, init=a.soco_init, prior=a.soco_prior,
+                         margin=a.soco_margin, budget=a.soco_budget, sparsity=a.soco_sparsity, init=a.soco_init, prior=a.soco_prior,
                          seed=a.soco_seed)
     cfg = CompressConfig(
         output=a.output, model=a.model, method=a.method, ratio=a.ratio[0],

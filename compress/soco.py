@@ -62,6 +62,14 @@ each step, if the exact count is below the stage's floor (stages 1-2: their budg
 stage 3: what its threshold keeps), the components this step zeroed get their scores back, best
 first, until it is not, and their first moments are cleared. The log counts them (``given_back``).
 
+**Budget by projection** (``--soco-budget projection``; :func:`project_budget`). The penalty has a
+cost that the overshoot does not explain: while it is on, Adam lowers every score by about its
+step size, so the whole model shrinks towards zero before any component is removed, and a short
+schedule has no steps left to undo that. With a projection instead, stages 1-2 have no compression
+term: after each step the components below the global threshold (:func:`threshold_mask`) of a
+budget that ramps from dense to the target over stage 1 are set to zero, and the kept scores are
+trained by the distillation alone. No margin is needed (the count is exact); stage 3 is unchanged.
+
 **Prior.** The spectrum's own ordering is kept as a prior: each component has
 ``p_i = (σ_i / rms σ of its block)^α`` (``--soco-prior``, α = 1; 0 turns it off). Components are
 ranked by ``score·p`` and the compression gradient on a score is divided by ``p``, so untrained
@@ -159,6 +167,7 @@ class SocoConfig:
     dual_rate: float = 0.05  # log κ step per training step
     eps: float = 0.1  # soft count's ε (stages 1 and 2)
     margin: float = 0.02  # stages 1-2 aim this fraction of the dense linear parameters above the budget
+    budget: str = "penalty"  # "penalty": the compression term; "projection": prune the lowest keys each step
     fine_lr: float = 0.5  # learning rate factor of stages 2 and 3
     seed: int = 0
     log_every: int = 10
@@ -174,6 +183,8 @@ class SocoConfig:
             raise SocoError(f"stage shares must be ≥ 0 and sum to ≤ 1, got stage1={self.stage1}, stage3={self.stage3}")
         if self.init not in ("full", "breakeven"):
             raise SocoError(f"--soco-init must be 'full' or 'breakeven', got {self.init!r}")
+        if self.budget not in ("penalty", "projection"):
+            raise SocoError(f"--soco-budget must be 'penalty' or 'projection', got {self.budget!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,6 +730,23 @@ def threshold_mask(blocks: list[Block], ratio: float, force_factorize: bool = Fa
 # ---------------------------------------------------------------------------------------------
 
 
+def project_budget(blocks: list[Block], fraction: float, force_factorize: bool = False) -> float:
+    """Zero the scores outside the global threshold that stores ``fraction`` of the dense linear
+    parameters (:func:`threshold_mask`; nothing above dense). Returns the stored fraction after.
+
+    Why: a penalty on the count moves every score under Adam by about its step size, so the whole
+    model shrinks long before a component is removed; pruning the lowest keys leaves the kept
+    scores to the distillation alone, which a short schedule can afford."""
+    p_dense = dense_params(blocks)
+    if fraction >= 1.0:
+        return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
+    pr = threshold_mask(blocks, 1.0 - fraction, force_factorize)
+    with torch.no_grad():
+        for b, k in zip(blocks, pr.keep):
+            b.scores[:, ~k] = 0.0
+    return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
+
+
 def hold_floor(blocks: list[Block], before: list[torch.Tensor], floor: float,
                force_factorize: bool = False) -> list[torch.Tensor]:
     """Undo one step's pruning where it went below the budget: if the exact stored count is under
@@ -792,7 +820,9 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
     rel_cost = [b.cost / c_mean for b in blocks]
     n_eff = p_dense / c_mean
     target = 1.0 - ratio  # stored fraction
-    safe = target + cfg.margin  # stages 1-2 stay under-compressed by `margin`; stage 3 trims to the target
+    project = cfg.budget == "projection"
+    # penalty: stages 1-2 stay under-compressed by `margin`, stage 3 trims to the target; a projection is exact
+    safe = target if project else target + cfg.margin
     steps = cfg.steps
     ramp = max(1, round(cfg.stage1 * steps))
     stage3_start = steps - round(cfg.stage3 * steps)
@@ -801,7 +831,7 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
     order = torch.randperm(windows.shape[0], generator=gen)
     with torch.no_grad():
         b_lin0 = float(soft_stored(blocks, cfg.eps, force_factorize)[1]) / p_dense
-    log_kappa = math.log(cfg.kappa0) if cfg.kappa0 > 0 else None
+    log_kappa = math.log(cfg.kappa0) if cfg.kappa0 > 0 and not project else None
     g_ema, kl_ema, kl_val = 0.0, None, None
     stage, t_stage = 1, time.perf_counter()
     ctrl = b_lin0
@@ -841,7 +871,8 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
                     for b, k in zip(blocks, pr.keep):
                         b.mask = k.to(b.scores.dtype)
                     nu = cfg.sparsity * min(1.0, 2 * (step - stage3_start + 1) / max(1, steps - stage3_start))
-                b_target = max(safe, b_lin0 + (safe - b_lin0) * step / ramp) if stage == 1 else safe
+                start = 1.0 if project else b_lin0  # the exact count starts at dense, the soft one above it
+                b_target = max(safe, start + (safe - start) * step / ramp) if stage == 1 else safe
 
                 # -- distillation --------------------------------------------------------------
                 if cursor + cfg.batch_size > windows.shape[0]:
@@ -878,10 +909,12 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
                 with torch.no_grad():
                     for s in scores:
                         s.clamp_(min=0.0)
+                if project and stage < 3:
+                    ctrl = project_budget(blocks, b_target, force_factorize)
                 # never prune past the budget in one step: stages 1-2 stay above theirs (the exact count
                 # is capped at dense while the ramp starts above it), stage 3 keeps what its threshold keeps
                 floor = pr.stored if stage == 3 else (min(b_target, 1.0) - WITHIN) * p_dense
-                if stage == 3 or log_kappa is not None:
+                if stage == 3 or log_kappa is not None or project:
                     back = hold_floor(blocks, good, floor, force_factorize)
                     n_back = sum(int(m.sum()) for m in back)
                     if n_back:

@@ -323,6 +323,44 @@ def test_a_fast_schedule_never_prunes_past_the_budget(prep64, monkeypatch):
     assert pr.kept_zero > 0
 
 
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_projection_keeps_the_global_thresholds_prefix(prep64, group_size):
+    blocks = _blocks(prep64, group_size)
+    _randomize(blocks, seed=7, zero=0.1)
+    keys = [b.key().detach().clone() for b in blocks]
+    frac = soco.project_budget(blocks, 0.55)
+    assert frac == soco.stored_params(blocks, soco.nonzero_counts(blocks)) / soco.dense_params(blocks) <= 0.55
+    pr = soco.threshold_mask(blocks, 0.45)  # on the projected scores: nothing left to prune
+    assert pr.pruned_nonzero == 0 and pr.kept_zero == 0
+    kept = torch.cat([k[b.score() > 0] for b, k in zip(blocks, keys)])
+    pruned = torch.cat([k[(b.score() == 0) & (k > 0)] for b, k in zip(blocks, keys)])
+    assert pruned.numel() and float(kept.min()) >= float(pruned.max())  # a prefix of the global order
+    assert soco.project_budget(blocks, 1.0) == frac  # a budget at dense prunes nothing
+
+
+def test_projection_leaves_the_kept_scores_to_the_distillation(prep64):
+    """With no distillation signal a projection run ends at the untrained global truncation, every
+    kept score still 1; the penalty shrinks scores that it keeps as well."""
+    windows = soco.training_windows(prep64.calib, 16)[:4]
+
+    def run(budget):
+        blocks = _blocks(prep64)
+        stack = soco.Stack.resident(prep64.model, prep64.spec, blocks)
+        teacher = soco.teacher_topk(stack, windows, 32, progress=False)
+        cfg = soco.SocoConfig(steps=8, seq_len=16, lr=0.2, budget=budget)
+        soco.train(stack, windows, teacher, 0.4, cfg, progress=False,
+                   kl_fn=lambda logits, logp, idx: 0.0 * logits.sum())
+        return blocks
+
+    blocks = run("projection")
+    want = soco.threshold_mask(_blocks(prep64), 0.4)
+    got = soco.threshold_mask(blocks, 0.4)
+    assert got.stored == want.stored and all(torch.equal(a, b) for a, b in zip(got.keep, want.keep))
+    assert all(torch.equal(b.scores.detach()[:, k], torch.ones_like(b.scores.detach()[:, k]))
+               for b, k in zip(blocks, got.keep))
+    assert any(bool((b.scores.detach() != 1).any()) and bool((b.scores.detach() > 0).any()) for b in run("penalty"))
+
+
 @pytest.mark.parametrize("group_size,masked", [(1, False), (2, True)])
 def test_layered_gradient_is_the_whole_models(prep64, group_size, masked):
     """The stack's group-by-group backward (each group recomputed from its saved input) gives the
