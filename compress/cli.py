@@ -112,12 +112,12 @@ def compress_parser() -> argparse.ArgumentParser:
                    help="share of the steps over which stage 1 ramps the budget to the target")
     s.add_argument("--soco-stage3", type=float, default=d.stage3, help="share of the steps of stage 3 (the last)")
     s.add_argument("--soco-margin", type=float, default=d.margin,
-                   help="stages 1-2 keep this fraction of the dense linear parameters above the budget; "
-                        "stage 3 trims it")
+                   help="--soco-budget penalty: stages 1-2 keep this fraction of the dense linear parameters "
+                        "above the budget, stage 3 trims it (a projection needs no margin)")
     s.add_argument("--soco-budget", choices=("penalty", "projection"), default=d.budget,
-                   help="how stages 1-2 reach the budget: a penalty on the soft count of components in use (the "
-                        "paper's), or each step pruning the lowest-ranked components to a budget that ramps down "
-                        "(kept scores trained by the distillation alone)")
+                   help="how stages 1-2 reach the budget: each step pruning the lowest-ranked components to a budget "
+                        "that ramps down, the kept scores trained by the distillation alone (projection), or a "
+                        "penalty on the soft count of components in use (the paper's)")
     s.add_argument("--soco-sparsity", type=float, default=d.sparsity, help="weight of the stage-3 sparsity term")
     s.add_argument("--soco-init", choices=("full", "breakeven"), default=d.init,
                    help="components trained: all, or each matrix's break-even rank (cheaper steps)")

@@ -62,13 +62,15 @@ each step, if the exact count is below the stage's floor (stages 1-2: their budg
 stage 3: what its threshold keeps), the components this step zeroed get their scores back, best
 first, until it is not, and their first moments are cleared. The log counts them (``given_back``).
 
-**Budget by projection** (``--soco-budget projection``; :func:`project_budget`). The penalty has a
+**Budget by projection** (the default; ``--soco-budget penalty`` is the paper's term above;
+:func:`project_budget`). The penalty has a
 cost that the overshoot does not explain: while it is on, Adam lowers every score by about its
 step size, so the whole model shrinks towards zero before any component is removed, and a short
 schedule has no steps left to undo that. With a projection instead, stages 1-2 have no compression
 term: after each step the components below the global threshold (:func:`threshold_mask`) of a
 budget that ramps from dense to the target over stage 1 are set to zero, and the kept scores are
 trained by the distillation alone. No margin is needed (the count is exact); stage 3 is unchanged.
+It won at both schedules measured (docs/results.md, "soco at a short schedule").
 
 **Prior.** The spectrum's own ordering is kept as a prior: each component has
 ``p_i = (σ_i / rms σ of its block)^α`` (``--soco-prior``, α = 1; 0 turns it off). Components are
@@ -167,7 +169,7 @@ class SocoConfig:
     dual_rate: float = 0.05  # log κ step per training step
     eps: float = 0.1  # soft count's ε (stages 1 and 2)
     margin: float = 0.02  # stages 1-2 aim this fraction of the dense linear parameters above the budget
-    budget: str = "penalty"  # "penalty": the compression term; "projection": prune the lowest keys each step
+    budget: str = "projection"  # "projection": prune the lowest keys each step; "penalty": the paper's compression term
     fine_lr: float = 0.5  # learning rate factor of stages 2 and 3
     seed: int = 0
     log_every: int = 10

@@ -77,7 +77,7 @@ def test_full_budget_without_regularisation_is_the_dense_model(prep64):
     windows = soco.training_windows(prep64.calib, 16)[:2]
     stack = soco.Stack.resident(prep64.model, prep64.spec, blocks)
     teacher = soco.teacher_topk(stack, windows, 32, progress=False)
-    cfg = soco.SocoConfig(steps=3, kappa0=0.0, sparsity=0.0, stage3=0.0, seq_len=16, lr=0.01)
+    cfg = soco.SocoConfig(steps=3, kappa0=0.0, sparsity=0.0, stage3=0.0, seq_len=16, lr=0.01, budget="penalty")
     log = soco.train(stack, windows, teacher, 0.3, cfg, progress=False)
     assert log["stopped"] is None and log["final"]["kl"] < 1e-4 and log["final"]["zero"] == 0
     assert all(float((b.scores.detach() - 1).abs().max()) <= 3 * cfg.lr for b in blocks)
@@ -306,7 +306,7 @@ def test_a_fast_schedule_never_prunes_past_the_budget(prep64, monkeypatch):
     """At this learning rate the scores reach zero together: without the floor the run ends with
     zero-score components kept, a model more compressed than the ratio asked for."""
     windows = soco.training_windows(prep64.calib, 16)
-    cfg = soco.SocoConfig(steps=40, seq_len=16, lr=0.5)
+    cfg = soco.SocoConfig(steps=40, seq_len=16, lr=0.5, budget="penalty")
 
     def run():
         blocks = _blocks(prep64)
