@@ -561,6 +561,11 @@ def nonzero_counts(blocks: list[Block]) -> list[int]:
         return [int((b.score() > 0).sum()) for b in blocks]
 
 
+def nonzero_fraction(blocks: list[Block], force_factorize: bool = False) -> float:
+    """Stored fraction of the dense linear parameters if every nonzero score were kept."""
+    return stored_params(blocks, nonzero_counts(blocks), force_factorize) / dense_params(blocks)
+
+
 def soft_use(s: torch.Tensor, eps: float) -> torch.Tensor:
     """``u_ε(s) = min(1, (1+ε)s/(s+ε))``: 0 at 0, 1 for s ≥ 1, → [s > 0] as ε → 0."""
     return ((1 + eps) * s / (s + eps)).clamp(max=1.0)
@@ -739,14 +744,12 @@ def project_budget(blocks: list[Block], fraction: float, force_factorize: bool =
     Why: a penalty on the count moves every score under Adam by about its step size, so the whole
     model shrinks long before a component is removed; pruning the lowest keys leaves the kept
     scores to the distillation alone, which a short schedule can afford."""
-    p_dense = dense_params(blocks)
-    if fraction >= 1.0:
-        return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
-    pr = threshold_mask(blocks, 1.0 - fraction, force_factorize)
-    with torch.no_grad():
-        for b, k in zip(blocks, pr.keep):
-            b.scores[:, ~k] = 0.0
-    return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
+    if fraction < 1.0:
+        pr = threshold_mask(blocks, 1.0 - fraction, force_factorize)
+        with torch.no_grad():
+            for b, k in zip(blocks, pr.keep):
+                b.scores[:, ~k] = 0.0
+    return nonzero_fraction(blocks, force_factorize)
 
 
 def hold_floor(blocks: list[Block], before: list[torch.Tensor], floor: float,
@@ -837,13 +840,14 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
     g_ema, kl_ema, kl_val = 0.0, None, None
     stage, t_stage = 1, time.perf_counter()
     ctrl = b_lin0
+    start = 1.0 if project else b_lin0  # stage 1's ramp: the exact count starts at dense, the soft one above it
     good = _scores(blocks)
     history: list[dict[str, Any]] = []
     stages: dict[str, dict[str, Any]] = {}
     stopped, cursor, done, given_back = None, 0, 0, 0
 
     def exact_fraction() -> float:
-        return stored_params(blocks, nonzero_counts(blocks), force_factorize) / p_dense
+        return nonzero_fraction(blocks, force_factorize)
 
     def switch(new: int, step: int, why: str) -> None:
         nonlocal stage, t_stage
@@ -873,7 +877,6 @@ def train(stack: Stack, windows: torch.Tensor, teacher: Teacher, ratio: float,
                     for b, k in zip(blocks, pr.keep):
                         b.mask = k.to(b.scores.dtype)
                     nu = cfg.sparsity * min(1.0, 2 * (step - stage3_start + 1) / max(1, steps - stage3_start))
-                start = 1.0 if project else b_lin0  # the exact count starts at dense, the soft one above it
                 b_target = max(safe, start + (safe - start) * step / ramp) if stage == 1 else safe
 
                 # -- distillation --------------------------------------------------------------
