@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--methods", default="svd,fwsvd,asvd,svd-llm,basis-sharing,basis-sharing-noupdate",
-                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells take ~8 min each on 2 cores)")
+                   help=f"comma-separated, from {','.join(BENCH_METHODS)} (soco cells train for minutes each on a "
+                        "CPU: docs/results.md gives their times)")
     p.add_argument("--ratios", default="0.2,0.3,0.4,0.5,0.6", help="comma-separated ratios")
     p.add_argument("--calib-windows", type=int, default=CompressConfig.calib_windows, help="(the compressor's default)")
     p.add_argument("--eval-windows", type=int, default=CompressConfig.eval_windows)
