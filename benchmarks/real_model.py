@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["--soco-steps", str(a.soco_steps)] if method == "soco" and a.soco_steps is not None else []
             extra += shlex.split(a.compress_args)
             if recover and "--recover-steps" not in extra:
-                # explicit: the compressor's default is no recovery for some runs (soco, several ratios)
+                # explicit, so that the cell means the same whatever the compressor's default
                 extra += ["--recover-steps", str(DEFAULT_STEPS)]
             r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method,
                                            "--ratio", ",".join(ratios), "--calib-windows", str(a.calib_windows),

@@ -133,8 +133,7 @@ def compress_parser() -> argparse.ArgumentParser:
     rd = RecoverConfig()
     r.add_argument("--recover-steps", type=int, default=None, metavar="N",
                    help=f"optimizer steps per group (one calibration batch each); 0 = no recovery; default "
-                        f"{DEFAULT_STEPS}, or 0 with --full-rank, several ratios or --method soco (its "
-                        f"scores are trained end to end: docs/results.md)")
+                        f"{DEFAULT_STEPS}, or 0 with --full-rank or several ratios")
     r.add_argument("--recover-lr", type=float, default=rd.lr,
                    help="AdamW learning rate (cosine decay); with --recover-lr-scale rms, relative to each tensor's RMS")
     r.add_argument("--recover-lr-scale", choices=LR_SCALES, default=rd.lr_scale,

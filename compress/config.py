@@ -85,9 +85,8 @@ class CompressConfig:
                                  "windows leaves no chat window or no text window")
         m.check(self)
         self.recover.check()
-        if self.recover.steps is None:  # auto: on, but not where the factors are exact, several checkpoints come
-            # out, or the method's own training already targets the model's output
-            off = self.full_rank or len(self.ratio_list) > 1 or not m.recovers_by_default
+        if self.recover.steps is None:  # auto: on, but not where the factors are exact or several checkpoints come out
+            off = self.full_rank or len(self.ratio_list) > 1
             self.recover = replace(self.recover, steps=0 if off else DEFAULT_STEPS)
         if self.recover.steps and len(self.ratio_list) > 1:
             raise ValueError(f"--recover-steps trains one checkpoint; run once per ratio instead of {list(self.ratios)}")

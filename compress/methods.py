@@ -89,9 +89,6 @@ class Method:
     shares_bases: ClassVar[bool] = False  # honours --group-size
     default_group_size: ClassVar[int] = 1
     own_settings: ClassVar[tuple[str, ...]] = ()  # CompressConfig fields that only this method reads
-    # whether recovery is on when --recover-steps is not given: a method whose truncation is already
-    # trained against the model's output loses by local recovery (docs/results.md)
-    recovers_by_default: ClassVar[bool] = True
 
     def group_size(self, cfg: "CompressConfig", n_layers: int) -> int:
         return cfg.group_size if self.shares_bases else 1
@@ -329,10 +326,6 @@ class Soco(Method):
     several_ratios = True
     shares_bases = True
     own_settings = ("soco",)
-    # its scores are trained end to end; local recovery pulls each group back towards the dense
-    # group's outputs and undoes part of that: worse out of domain even with the last group on the KL
-    # (docs/results.md, basis-sharing and soco at the new default)
-    recovers_by_default = False
 
     def check(self, cfg):
         if cfg.full_rank:

@@ -146,8 +146,11 @@ class SocoError(ValueError):
 class SocoConfig:
     """Training settings.
 
-    The defaults are sized for SmolLM2-135M on 2 CPU cores: 240 steps of one 256-token window
-    (61 K training tokens, each calibration token seen about 4 times). One step costs a forward
+    The defaults are sized for SmolLM2-135M on 2 CPU cores: 64 steps of one 256-token window
+    (16 K training tokens, each calibration window seen about once), after which the recovery
+    stage (:mod:`compress.recover`) distills the kept factors: that pair beats four times the
+    training without recovery, and recovery after the longer training hurts (docs/results.md,
+    "soco's schedule and recovery"). One step costs a forward
     pass without a graph, a recomputed forward pass with one, and the backward pass (see the
     module docstring); the report's ``soco.seconds`` says what a run took. On a GPU, closer to the
     paper's scale:
@@ -155,7 +158,7 @@ class SocoConfig:
     --soco-seq-len 1024 --soco-batch-size 4 --soco-steps 2000 --soco-lr 0.02``.
     """
 
-    steps: int = 240
+    steps: int = 64
     lr: float = 0.05
     seq_len: int = 256  # training windows: the calibration windows cut to this length
     batch_size: int = 1  # training windows per step

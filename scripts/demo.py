@@ -61,9 +61,9 @@ def main() -> int:
                    help="svd-llm by default: with recovery, the fastest of the methods (the demo's time is in "
                         "docs/results.md)")
     p.add_argument("--ratio", default="0.2")
-    p.add_argument("--recover-steps", default=None,
+    p.add_argument("--recover-steps", default=str(RECOVER_STEPS),
                    help=f"recovery steps per group (soco-compress --recover-steps; default {RECOVER_STEPS}, fewer "
-                        "than the compressor's, for the methods it recovers by default; 0 for the others)")
+                        "than the compressor's)")
     p.add_argument("--recover-kl-stride", default=str(KL_STRIDE),
                    help=f"the last group's KL at every N-th position (soco-compress --recover-kl-stride; default "
                         f"{KL_STRIDE}, the compressor's is every position)")
@@ -86,13 +86,11 @@ def main() -> int:
     from soco_serve.server import VllmServer
 
     try:
-        method = methods.get(a.method)
+        methods.get(a.method)
     except ValueError as e:
         p.error(str(e))
     ckpt = a.out / f"{a.method}-{a.ratio}"
     t_start = t0 = time.perf_counter()
-    if a.recover_steps is None:  # a method that is not recovered by default stays so (soco)
-        a.recover_steps = str(RECOVER_STEPS if method.recovers_by_default else 0)
     extra = ["--seed", a.seed, "--recover-steps", a.recover_steps, "--recover-kl-stride", a.recover_kl_stride,
              "--eval-windows", a.eval_windows]
     chats = None if a.calib_chat == "none" else a.calib_chat

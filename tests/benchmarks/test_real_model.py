@@ -64,8 +64,9 @@ def test_a_second_text_is_evaluated_like_the_compressors_own_evaluation(tiny_lla
     assert "svd@0.3: no checkpoint at" in capsys.readouterr().out
 
 
-def test_a_recover_cell_recovers_where_the_compressors_default_would_not(tiny_llama, tmp_path, monkeypatch):
-    """soco's own default is no recovery: the cell ``soco+recover`` asks for it explicitly."""
+def test_a_recover_cell_asks_for_recovery_explicitly(tiny_llama, tmp_path, monkeypatch):
+    """The cell ``soco+recover`` passes the recovery's steps itself, so that it means the same whatever the
+    compressor's default (which was no recovery for soco until 2026-12-05)."""
     real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
     assert real.main([str(tiny_llama), "--name", "t", "--cells", "soco+recover@0.3", "--soco-steps", "1",
                       "--calib-windows", "8", "--eval-windows", "1", "--seq-len", "64", "--no-serve",

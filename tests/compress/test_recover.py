@@ -368,7 +368,7 @@ def test_recovery_at_full_rank_changes_nothing(tiny_llama_f64, text_file, tmp_pa
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
-def test_recovery_is_on_by_default_but_for_soco_and_exact_factors(tmp_path):
+def test_recovery_is_on_by_default_but_for_exact_factors(tmp_path):
     from compress.config import CompressConfig
     from compress.recover import DEFAULT_STEPS
 
@@ -376,8 +376,9 @@ def test_recovery_is_on_by_default_but_for_soco_and_exact_factors(tmp_path):
         return CompressConfig(output=tmp_path / "x", **kw).recover.steps
 
     assert steps(method="svd-llm", ratio=0.3) == DEFAULT_STEPS == steps(method="basis-sharing", ratio=0.3)
-    assert steps(method="soco", ratio=0.3) == 0 == steps(method="svd-llm", full_rank=True)
-    assert steps(method="soco", ratio=0.3, recover=RecoverConfig(steps=5)) == 5  # asked for: honoured
+    assert steps(method="soco", ratio=0.3) == DEFAULT_STEPS
+    assert steps(method="svd-llm", full_rank=True) == 0 == steps(method="soco", ratios=(0.3, 0.4))
+    assert steps(method="svd-llm", full_rank=True, recover=RecoverConfig(steps=5)) == 5  # asked for: honoured
 
 
 def test_recovery_refuses_several_ratios_and_too_few_batches(tiny_llama, text_file, tmp_path):
