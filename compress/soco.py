@@ -148,8 +148,8 @@ class SocoConfig:
 
     The defaults are sized for SmolLM2-135M on 2 CPU cores: 64 steps of one 256-token window
     (16 K training tokens, each calibration window seen about once), after which the recovery
-    stage (:mod:`compress.recover`) distills the kept factors: that pair beats four times the
-    training without recovery, and recovery after the longer training hurts (docs/results.md,
+    stage (:mod:`compress.recover`) distills the kept factors: in domain that pair beats four times
+    the training without recovery, and recovery after the longer training hurts (docs/results.md,
     "soco's schedule and recovery"). One step costs a forward
     pass without a graph, a recomputed forward pass with one, and the backward pass (see the
     module docstring); the report's ``soco.seconds`` says what a run took. On a GPU, closer to the
