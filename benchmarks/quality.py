@@ -26,7 +26,10 @@ bases). Every row but the one-run ones also comes as ``<row>+recover`` (with the
 ``--recover-last-loss hidden``: the last group trained on its hidden state like every other
 group, the stage as it was before 2026-12-04). Cells are recomputed when the soco or recovery settings differ
 from the cached ones; docs/results.md gives each row's time. ``--report-only`` computes nothing and
-writes the table and plots from the cells as cached, for rows computed a few cells at a time.
+writes the table and plots from the cells as cached, for rows computed a few cells at a time;
+with ``--rows-from A,B`` it combines the rows of several files made with the same settings, each
+row whole from the last file that has it (the README's plot:
+``--report-only --rows-from recovery,soco_steps64 --name summary``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: write the table and plots of --methods and --ratios from the JSON's cells "
                         "as they are (a table over rows that were computed a few at a time)")
+    p.add_argument("--rows-from", default="", metavar="NAME,...",
+                   help="with --report-only: take each row of --methods whole from the last of these result files "
+                        "(quality_<NAME>.json, same model and settings) that has it, and write the report as --name")
     p.add_argument("--rank-ratio", type=float, default=0.4, help="the ratio whose ranks _ranks.png compares")
     d = SocoConfig()
     p.add_argument("--recover-steps", type=int, default=DEFAULT_STEPS,
@@ -131,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in BENCH_METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {sorted(BENCH_METHODS)}")
-    if a.report_only:  # read the file as it is: no setting of this call resets it, nothing rewrites it
-        if not out_json.exists():
-            raise SystemExit(f"{out_json}: no cached cells to report; run without --report-only first")
-        results = json.loads(out_json.read_text())
+    if a.rows_from and not a.report_only:
+        raise SystemExit("--rows-from only combines cached cells: add --report-only")
+    if a.report_only:  # read the file(s) as they are: no setting of this call resets them, nothing rewrites them
+        sources = [f"quality_{n}.json" for n in a.rows_from.split(",") if n] or [out_json.name]
+        for s in sources:
+            if not (RESULTS / s).exists():
+                raise SystemExit(f"{RESULTS / s}: no cached cells to report; run without --report-only first")
+        results = rows_from({s: json.loads((RESULTS / s).read_text()) for s in sources}, methods)
         for m in methods:
             for r in ratios:
                 print_cached(results["cells"], cell_key(m, r))
@@ -234,6 +244,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SAME_SETTINGS = ("model", "calib_windows", "eval_windows", "seq_len")
+
+
+def rows_from(files: dict[str, dict], methods: list[str]) -> dict:
+    """One report's results from several result files (name -> contents) made with the same model and
+    settings: each row of ``methods`` is taken whole from the last file that has a cell of it, so that
+    a row recomputed at other method settings under another name (soco at 64 steps) replaces the
+    older row instead of mixing with it. The report names each row's file."""
+    (first, head), *rest = files.items()
+    merged = {k: v for k, v in head.items() if k != "cells"}
+    for name, res in rest:
+        for k in SAME_SETTINGS:
+            if res.get(k) != head.get(k):
+                raise SystemExit(f"{name}: {k} is {res.get(k)!r}, {first} has {head.get(k)!r}; a report "
+                                 "combines rows made with the same model and settings")
+        if res.get("eval_text") and merged.get("eval_text") not in (None, res["eval_text"]):
+            raise SystemExit(f"{name}: eval_text is {res['eval_text']!r}, an earlier file's is "
+                             f"{merged['eval_text']!r}")
+        if res.get("eval_text") and not merged.get("eval_text"):
+            merged.update({k: res[k] for k in ("eval_text", "eval_text_tokens", "ppl_dense_eval_text")})
+    merged["cells"], merged["row_sources"] = {}, {}
+    for m in methods:
+        for name, res in reversed(files.items()):
+            cells = {k: c for k, c in res["cells"].items() if c["method"] == m}
+            if cells:
+                merged["cells"].update(cells)
+                merged["row_sources"][m] = name
+                break
+    return merged
+
+
 def print_cached(cells: dict, key: str) -> None:
     if key in cells:
         print(f"{key:>22}: cached ppl {cells[key]['ppl']:.3f}")
@@ -272,6 +313,9 @@ def write_table(results: dict, methods: list[str], ratios: list[float], path: Pa
                   f"where used; evaluation excluded; {' or '.join(map(str, threads))} threads on {' and '.join(devices)}"
                   f"{': each cell names its own in the JSON' if len(devices) > 1 or len(threads) > 1 else ''}).",
               "", *table("seconds", ".0f")]
+    row_sources = results.get("row_sources", {})
+    if len(set(row_sources.values())) > 1:
+        lines += ["", "Rows from: " + "; ".join(f"{m}: {f}" for m, f in row_sources.items()) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -288,21 +332,27 @@ def plot(results: dict, methods: list[str], ratios: list[float], path: Path) -> 
     variants = list(dict.fromkeys(v for _, v in split.values()))
     styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
     markers = "osD^vx"
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
-    for m in methods:
-        pts = [(c["achieved_ratio"], c["ppl"]) for c in results["cells"].values() if c["method"] == m]
-        if pts:
-            xs, ys = zip(*sorted(pts))
-            base, v = bases.index(split[m][0]), variants.index(split[m][1])
-            ax.plot(xs, ys, color=f"C{base % 10}", ls=styles[v % len(styles)],
-                    marker=markers[v % len(markers)], ms=4, label=m)
-    ax.axhline(results["ppl_dense"], color="gray", ls="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("compression ratio (decoder linear parameters removed)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(results["model"].rsplit("/", 1)[-1])
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    # the further text's perplexity, where there is one, in a second panel: an in-domain gain shows
+    # beside what it does elsewhere
+    fields = [("ppl", results["ppl_dense"], "evaluation split")]
+    if results.get("eval_text"):
+        fields.append(("ppl_eval_text", results["ppl_dense_eval_text"], results["eval_text"]))
+    fig, axes = plt.subplots(1, len(fields), figsize=(4.6 + 3.9 * len(fields), 4.2), squeeze=False)
+    for ax, (field, dense, title) in zip(axes[0], fields):
+        for m in methods:
+            pts = [(c["achieved_ratio"], c[field]) for c in results["cells"].values() if c["method"] == m and field in c]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                base, v = bases.index(split[m][0]), variants.index(split[m][1])
+                ax.plot(xs, ys, color=f"C{base % 10}", ls=styles[v % len(styles)],
+                        marker=markers[v % len(markers)], ms=4, label=m)
+        ax.axhline(dense, color="gray", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("compression ratio (decoder linear parameters removed)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{results['model'].rsplit('/', 1)[-1]}: {title}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

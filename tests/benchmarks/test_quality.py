@@ -83,3 +83,36 @@ def test_soco_onerun_cells(quality, tiny_llama, text_file, tmp_path):
     seeded = json.loads((tmp_path / "quality_t.json").read_text())["cells"]["soco-onerun@0.4"]
     assert seeded["soco_settings"]["seed"] == 1 and seeded["ppl"] != res["cells"]["soco-onerun@0.4"]["ppl"]
     assert quality.BENCH_METHODS["soco-shared"][:3] == ("soco", 2, False)
+
+
+def test_report_rows_from_several_files(quality, tmp_path):
+    """Each row comes whole from the last file that has it, never cell by cell; files made with
+    other settings are refused by name."""
+    head = {"model": "m", "calib_windows": 4, "eval_windows": 2, "seq_len": 64, "ppl_dense": 10.0,
+            "eval_tokens": 128, "threads": 2, "device": "cpu"}
+
+    def cell(method, ratio, ppl):
+        return {"method": method, "target_ratio": ratio, "achieved_ratio": ratio, "ppl": ppl, "seconds": 1.0}
+
+    old = {**head, "cells": {f"{m}@{r}": cell(m, r, p) for m, p in (("svd-llm", 20.0), ("soco", 30.0))
+                             for r in (0.2, 0.3)}}
+    new = {**head, "eval_text": "pydoc", "eval_text_tokens": 64, "ppl_dense_eval_text": 5.0,
+           "cells": {"soco@0.2": {**cell("soco", 0.2, 15.0), "ppl_eval_text": 9.0}}}
+    (tmp_path / "quality_old.json").write_text(json.dumps(old))
+    (tmp_path / "quality_new.json").write_text(json.dumps(new))
+    argv = ["--methods", "svd-llm,soco", "--ratios", "0.2,0.3", "--report-only", "--name", "both"]
+    assert quality.main([*argv, "--rows-from", "old,new"]) == 0
+    table = (tmp_path / "quality_both.md").read_text()
+    assert "| svd-llm | 20.00 | 20.00 |" in table and "| soco | 15.00 | – |" in table  # not 30.00 at 0.3
+    assert "Perplexity on pydoc" in table and "| soco | 9.00 | – |" in table
+    assert "Rows from: svd-llm: quality_old.json; soco: quality_new.json." in table
+    assert (tmp_path / "quality_both.png").stat().st_size > 1000
+    assert not (tmp_path / "quality_both.json").exists()  # a report writes no result file
+
+    (tmp_path / "quality_new.json").write_text(json.dumps({**new, "seq_len": 128}))
+    with pytest.raises(SystemExit, match="quality_new.json: seq_len is 128, quality_old.json has 64"):
+        quality.main([*argv, "--rows-from", "old,new"])
+    with pytest.raises(SystemExit, match="add --report-only"):
+        quality.main([*argv[:4], "--rows-from", "old,new"])
+    with pytest.raises(SystemExit, match="quality_gone.json: no cached cells"):
+        quality.main([*argv, "--rows-from", "old,gone"])
