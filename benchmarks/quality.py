@@ -259,10 +259,10 @@ def rows_from(files: dict[str, dict], methods: list[str]) -> dict:
             if res.get(k) != head.get(k):
                 raise SystemExit(f"{name}: {k} is {res.get(k)!r}, {first} has {head.get(k)!r}; a report "
                                  "combines rows made with the same model and settings")
-        if res.get("eval_text") and merged.get("eval_text") not in (None, res["eval_text"]):
-            raise SystemExit(f"{name}: eval_text is {res['eval_text']!r}, an earlier file's is "
-                             f"{merged['eval_text']!r}")
-        if res.get("eval_text") and not merged.get("eval_text"):
+        text = res.get("eval_text")
+        if text and merged.get("eval_text") not in (None, text):
+            raise SystemExit(f"{name}: eval_text is {text!r}, an earlier file's is {merged['eval_text']!r}")
+        if text and not merged.get("eval_text"):
             merged.update({k: res[k] for k in ("eval_text", "eval_text_tokens", "ppl_dense_eval_text")})
     merged["cells"], merged["row_sources"] = {}, {}
     for m in methods:
