@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
     p.add_argument("--no-serve", action="store_true", help="compress and evaluate only")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show the compressor's progress bars (by default they are passed through)")
     p.add_argument("--soco-steps", type=int, default=None,
                    help="soco's training steps (default: the compressor's); recorded in the cell")
     p.add_argument("--compress-args", default="",
@@ -137,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             r = compress_subprocess(ROOT, [str(a.model), "-o", str(ckpt), "--force", "--method", method,
                                            "--ratio", ",".join(ratios), "--calib-windows", str(a.calib_windows),
                                            "--eval-windows", str(a.eval_windows), "--seq-len", str(a.seq_len),
-                                           "--no-progress", *([] if recover else ["--recover-steps", "0"]), *extra])
+                                           *(["--no-progress"] if a.no_progress else []),
+                                           *([] if recover else ["--recover-steps", "0"]), *extra],
+                                   echo=not a.no_progress)
             if "error" in r:
                 print(f"{spec}: compression failed:\n{r['error']}", flush=True)
                 for k in keys:

@@ -21,6 +21,7 @@ line per method).
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import shutil
@@ -118,19 +119,29 @@ def model_dir(cache: Path, shape: str, layers: int, dtype: str) -> Path:
     return out
 
 
-def compress_subprocess(code: Path, argv: list[str]) -> dict:
+def compress_subprocess(code: Path, argv: list[str], echo: bool = False) -> dict:
     """``soco-compress ARGV`` (the compressor of ``code``) in a fresh process: its exit status,
-    wall time, peak RSS and report (``-o`` is read from ``argv``)."""
+    wall time, peak RSS and report (``-o`` is read from ``argv``). ``echo`` forwards the compressor's
+    output (its progress bars) to this process's stderr as it comes, so that an hour-long cell is
+    not silent; it is captured either way, for the peak and for the error."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *argv], cwd=code, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *argv], cwd=code, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    decode, parts = codecs.getincrementaldecoder("utf-8")(errors="replace").decode, []
+    while chunk := proc.stdout.read1(1 << 16):  # as it comes, not by lines: tqdm redraws with "\r"
+        parts.append(decode(chunk))
+        if echo:
+            sys.stderr.write(parts[-1])
+            sys.stderr.flush()
+    proc.wait()
+    output_text = "".join(parts) + decode(b"", final=True)
     wall = time.perf_counter() - t0
-    marks = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB ")]
+    marks = [line for line in output_text.splitlines() if line.startswith("PEAK_RSS_KIB ")]
     out = {"wall_seconds": round(wall, 1), "peak_rss_bytes": int(marks[-1].split()[1]) * 1024 if marks else None}
     if proc.returncode != 0:  # negative: killed by that signal (SIGKILL -9 is the kernel's OOM killer's)
         return {**out, "returncode": proc.returncode,
-                "error": (proc.stderr or proc.stdout)[-2000:] or f"killed by signal {-proc.returncode}"}
+                "error": output_text[-2000:] or f"killed by signal {-proc.returncode}"}
     output = Path(argv[argv.index("-o") + 1])
     if (output / "report.json").exists():
         return {**out, "report": json.loads((output / "report.json").read_text())}

@@ -14,6 +14,8 @@ def test_one_soco_run_fills_every_ratios_cell_and_cells_are_cached(tiny_llama, t
     argv = [str(tiny_llama), "--name", "t", "--cells", "soco@0.2+0.3,svd-llm@0.3", "--soco-steps", "1",
             "--calib-windows", "2", "--eval-windows", "1", "--seq-len", "64", "--no-serve", "--out", str(tmp_path)]
     assert real.main(argv) == 0
+    err = capsys.readouterr().err  # the compressor's progress, passed through as it ran
+    assert "compress (soco)" in err and "compress (svd-llm)" in err and "PEAK_RSS_KIB" in err
     cells = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]
     assert sorted(cells) == ["soco@0.2", "soco@0.3", "svd-llm@0.3"]
     for key, ratio in (("soco@0.2", 0.2), ("soco@0.3", 0.3), ("svd-llm@0.3", 0.3)):
@@ -33,12 +35,13 @@ def test_one_soco_run_fills_every_ratios_cell_and_cells_are_cached(tiny_llama, t
     assert (tmp_path / "results" / "real_t.json").stat().st_mtime_ns == mtime
 
 
-def test_compressor_options_reach_the_run_and_the_cell(tiny_llama, tmp_path, monkeypatch):
+def test_compressor_options_reach_the_run_and_the_cell(tiny_llama, tmp_path, monkeypatch, capsys):
     real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
     opts = "--recover-steps 2 --recover-kl-stride 4"
     assert real.main([str(tiny_llama), "--name", "t", "--cells", "svd-llm+recover@0.3", "--compress-args", opts,
                       "--calib-windows", "8", "--eval-windows", "1", "--seq-len", "64", "--no-serve",
-                      "--out", str(tmp_path)]) == 0
+                      "--no-progress", "--out", str(tmp_path)]) == 0
+    assert "compress (" not in capsys.readouterr().err
     rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["svd-llm+recover@0.3"]["report"]
     assert rep["compress_args"] == opts
     assert rep["recover_settings"]["steps"] == 2 and rep["recover_settings"]["kl_stride"] == 4
