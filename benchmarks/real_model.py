@@ -103,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"real_{a.name}.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    res.update(model=str(a.model), device=device_name(torch.device("cpu")), calib_windows=a.calib_windows,
-               eval_windows=a.eval_windows, seq_len=a.seq_len)
+    setting = {"calib_windows": a.calib_windows, "eval_windows": a.eval_windows, "seq_len": a.seq_len}
+    for k, v in setting.items():  # one file, one setting: its cells are compared with each other
+        if k in res and res[k] != v:
+            raise SystemExit(f"{path}: its cells were made with {k}={res[k]}, this run asks for {v}; "
+                             "give another --name for a run with other settings")
+    res.update(model=str(a.model), device=device_name(torch.device("cpu")), **setting)
     cells = res.setdefault("cells", {})
 
     def save() -> None:

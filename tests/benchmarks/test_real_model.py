@@ -76,3 +76,14 @@ def test_a_recover_cell_asks_for_recovery_explicitly(tiny_llama, tmp_path, monke
                       "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["soco+recover@0.3"]["report"]
     assert rep["recover_settings"]["steps"] == DEFAULT_STEPS and rep["recovery"]
+
+
+def test_a_file_keeps_one_setting(tiny_llama, tmp_path, monkeypatch):
+    real = load_benchmark("real_model", tmp_path / "results", monkeypatch)
+    base = [str(tiny_llama), "--name", "t", "--cells", "svd@0.3", "--eval-windows", "1", "--seq-len", "64",
+            "--no-serve", "--no-progress", "--out", str(tmp_path)]
+    assert real.main([*base, "--calib-windows", "2"]) == 0
+    before = (tmp_path / "results" / "real_t.json").read_text()
+    with pytest.raises(SystemExit, match=r"real_t.json: its cells were made with calib_windows=2, this run asks for 4"):
+        real.main([*base, "--calib-windows", "4"])
+    assert (tmp_path / "results" / "real_t.json").read_text() == before  # nothing rewritten
