@@ -48,8 +48,14 @@ __all__ = ["CompressConfig", "DEFAULT_SHARED_KINDS", "run", "ratio_dir"]
 
 
 class Timer:
+    """Wall seconds per stage, and the stage in which the process reached its peak RSS: the report's
+    peak alone does not say whether statistics, a group's training or the evaluation set it. Nested
+    stages exit first, so the innermost stage gets the peak."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_bytes = 0
+        self.peak_stage: str | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -58,6 +64,8 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 2)
+            if (peak := peak_rss_bytes()) > self.peak_rss_bytes:
+                self.peak_rss_bytes, self.peak_stage = peak, name
 
 
 def rss_bytes() -> int:
@@ -478,7 +486,8 @@ def assemble(cfg: CompressConfig, src: Source, work: WorkDir, n_groups: int, k: 
         report["seconds_per_group"] = extra["group_seconds"]
         report["groups"] = extra["groups"]
         report["resumed_at_group"] = extra["resumed_at_group"]
-        report["memory"] = {**extra["memory"].report(device), "per_group": extra["memory"].per_group}
+        report["memory"] = {**extra["memory"].report(device), "peak_rss_stage": timer.peak_stage,
+                            "per_group": extra["memory"].per_group}
         report["device"] = str(device)
         (writer.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         try:

@@ -1,6 +1,9 @@
 """The compressor end to end on tiny random Llamas: exactness, budget, and bad input."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +218,25 @@ def test_info_and_eval_commands(tiny_llama, text_file, tmp_path, capsys):
     assert main(["eval", str(out), "--eval-text", str(text_file), "--seq-len", "64", "--eval-windows", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["eval_tokens"] == 2 * 63 and res["ppl"] > 1
+
+
+def test_timer_names_the_stage_that_set_the_peak_rss(tmp_path):
+    # a fresh process, so that the peak is this test's and not an earlier test's
+    code = """
+import torch
+from compress.pipeline import Timer
+t = Timer()
+with t.stage("small"):
+    torch.ones(1 << 20)
+with t.stage("outer"):
+    with t.stage("big"):
+        x = torch.ones(1 << 27)  # 512 MiB, touched
+        del x
+    torch.ones(1 << 20)
+with t.stage("after"):
+    torch.ones(1 << 20)
+print(t.peak_stage)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "big"

@@ -52,7 +52,7 @@ def test_streaming_equals_the_whole_model_reference(tiny_llama_f64, text_file, t
                          and n.endswith(".weight")}
     report = json.loads((out / "report.json").read_text())
     assert len(report["seconds_per_group"]) == len(report["groups"]) == (2 if method == "basis-sharing" else 4)
-    assert report["memory"]["peak_rss_bytes"] > 0
+    assert report["memory"]["peak_rss_bytes"] > 0 and report["memory"]["peak_rss_stage"] in report["seconds"]
 
 
 def test_streamed_perplexities_equal_the_whole_models(tiny_llama, text_file, tmp_path):
