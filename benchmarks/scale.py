@@ -43,14 +43,16 @@ SHAPES = {  # hidden, intermediate, attention heads, KV heads (the models' confi
 DEPTH = {"llama3-8b": 32, "qwen2.5-7b": 28, "llama3-70b": 80}
 VOCAB = 1024
 # Runs soco-compress in this process and prints the process's own peak RSS when it exits, so each
-# cell's peak is its own (a parent's RUSAGE_CHILDREN would be the largest child so far).
+# cell's peak is its own (a parent's RUSAGE_CHILDREN would be the largest child so far, and the
+# child's own ru_maxrss starts at this parent's peak: compress.pipeline.peak_rss_bytes reads VmHWM).
 PEAK_WRAPPER = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = ["soco-compress", *sys.argv[1:]]
 try:
     runpy.run_module("compress.cli", run_name="__main__")
 finally:
-    print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    from compress.pipeline import peak_rss_bytes
+    print("PEAK_RSS_KIB", peak_rss_bytes() // 1024, file=sys.stderr)
 """
 
 

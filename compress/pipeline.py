@@ -77,6 +77,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's own peak: ``VmHWM`` starts afresh at exec, where ``ru_maxrss`` carries the peak
+    of the process that spawned this one (Linux keeps it across execve), so a compressor started from
+    a large process would report that process's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
