@@ -54,7 +54,7 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.peak_rss_bytes = 0
+        self.peak_bytes = 0
         self.peak_stage: str | None = None
 
     @contextmanager
@@ -64,8 +64,8 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 2)
-            if (peak := peak_rss_bytes()) > self.peak_rss_bytes:
-                self.peak_rss_bytes, self.peak_stage = peak, name
+            if (peak := peak_rss_bytes()) > self.peak_bytes:
+                self.peak_bytes, self.peak_stage = peak, name
 
 
 def rss_bytes() -> int:
