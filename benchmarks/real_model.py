@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                     c["report"]["compress_args"] = a.compress_args
                 if len(ratios) > 1:
                     c["report"]["trained_with"] = spec  # the run that trained this cell's scores
-                if "recovery" in rk:  # the stage's totals and settings; the per-group logs stay in the checkpoint's report
-                    c["report"]["recovery"] = {k2: v for k2, v in rk["recovery"].items() if k2 != "per_group"}
+                if "recovery" in rk:  # the stage's totals and settings, and each group's losses: a training batch's
+                    # against the held-out one's is what tells overfitting (the curves stay in the checkpoint's report)
+                    rec = c["report"]["recovery"] = dict(rk["recovery"])
+                    rec["per_group"] = {g: {k2: v for k2, v in log.items() if k2 != "curve"}
+                                        for g, log in rk["recovery"]["per_group"].items()}
                     c["report"]["recover_settings"] = rk["settings"]["recover"]
             save()
         for k in keys:

@@ -76,6 +76,9 @@ def test_a_recover_cell_asks_for_recovery_explicitly(tiny_llama, tmp_path, monke
                       "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "results" / "real_t.json").read_text())["cells"]["soco+recover@0.3"]["report"]
     assert rep["recover_settings"]["steps"] == DEFAULT_STEPS and rep["recovery"]
+    groups = rep["recovery"]["per_group"]  # each group's losses are kept, its curve is not
+    assert groups and all({"train_first", "val_before", "val_after"} <= g.keys() and "curve" not in g
+                          for g in groups.values())
 
 
 def test_a_file_keeps_one_setting(tiny_llama, tmp_path, monkeypatch):
