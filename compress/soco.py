@@ -146,12 +146,13 @@ class SocoError(ValueError):
 class SocoConfig:
     """Training settings.
 
-    The defaults are sized for SmolLM2-135M on 2 CPU cores: 32 steps of one 256-token window
-    (8 K training tokens, half the calibration windows seen once), after which the recovery stage
-    (:mod:`compress.recover`) distills the kept factors. The shorter the training, the closer each
-    group stays to its own truncation optimum, which is what the local recovery starts from: with
-    recovery, 32 steps beat 64 and both beat far longer training, which recovery then makes worse
-    (docs/results.md, "soco's schedule and recovery"). One step costs a forward
+    The defaults are sized for SmolLM2-135M on 2 CPU cores: 16 steps of one 256-token window
+    (4 K training tokens, a quarter of the calibration windows seen once), after which the recovery
+    stage (:mod:`compress.recover`) distills the kept factors. The shorter the training, the closer
+    each group stays to its own truncation optimum, which is what the local recovery starts from:
+    with recovery, 16 steps beat 32, 32 beat 64, and all beat far longer training, which recovery
+    then makes worse (docs/results.md, "soco's schedule and recovery"); without recovery the longer
+    trainings are the better ones. One step costs a forward
     pass without a graph, a recomputed forward pass with one, and the backward pass (see the
     module docstring); the report's ``soco.seconds`` says what a run took. On a GPU, closer to the
     paper's scale:
@@ -159,7 +160,7 @@ class SocoConfig:
     --soco-seq-len 1024 --soco-batch-size 4 --soco-steps 2000 --soco-lr 0.02``.
     """
 
-    steps: int = 32
+    steps: int = 16
     lr: float = 0.05
     seq_len: int = 256  # training windows: the calibration windows cut to this length
     batch_size: int = 1  # training windows per step
