@@ -29,7 +29,7 @@ from the cached ones; docs/results.md gives each row's time. ``--report-only`` c
 writes the table and plots from the cells as cached, for rows computed a few cells at a time;
 with ``--rows-from A,B`` it combines the rows of several files made with the same settings, each
 row whole from the last file that has it (the README's plot:
-``--report-only --rows-from recovery,soco_steps32 --name summary``).
+``--report-only --rows-from recovery,soco_steps16 --name summary``).
 """
 
 from __future__ import annotations
